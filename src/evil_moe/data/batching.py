@@ -1,0 +1,544 @@
+"""From labelled documents to fixed-length causal-LM sequences and minibatches.
+
+Documents are packed into streams grouped by (route label, domain, forget mode, evaluation
+category), so every sequence is uniform in its labels; an end-of-text token follows every
+document, and each stream is cut into non-overlapping windows of ``seq_len + 1`` tokens
+(the remainder is dropped). Input position ``t`` of a window predicts token ``t + 1``.
+
+The whole default pipeline is :func:`prepare_bilingual` (embedded English/Russian
+TinyStories) or :func:`prepare_documents` (any documents, e.g. from
+:func:`~evil_moe.data.corpus.load_jsonl`). Every step is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence, Set
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from evil_moe.data.corpus import (
+    BILINGUAL_FORGET_DOMAIN,
+    Document,
+    embedded_bilingual,
+)
+from evil_moe.data.monitor import LabelledDocument, Monitor
+from evil_moe.data.tokenizer import EOT_ID, default_tokenizer, encode_texts
+
+#: Integer codes of route labels in ``route`` tensors (same as ``routing.labels.RouteLabel``).
+ROUTE_CODES = {"retain": 0, "forget": 1, "unlabeled": 2}
+#: Evaluation categories of sequences (see :attr:`LabelledDocument.category`).
+CATEGORIES = (
+    "retain",
+    "retain_unlabeled",
+    "retain_false_positive",
+    "forget_labeled",
+    "forget_undiscovered",
+)
+#: Categories of the held-out sets returned by :func:`prepare_documents`.
+EVAL_CATEGORIES = ("retain", "forget_labeled", "forget_undiscovered")
+
+# Independent random streams of the pipeline stages, all derived from one seed.
+_SPLIT, _SUBSAMPLE, _CAP, _PACK, _BATCH = 1, 2, 3, 4, 5
+
+
+def _rng(seed: int, stage: int, *extra: int) -> np.random.Generator:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return np.random.default_rng([int(seed), stage, *extra])
+
+
+@dataclass
+class TokenSequences:
+    """``M`` packed sequences of ``seq_len + 1`` tokens with per-position labels.
+
+    * ``tokens``: long ``[M, seq_len + 1]``; inputs are ``tokens[:, :-1]``, targets
+      ``tokens[:, 1:]``.
+    * ``route``: long ``[M, seq_len]``, :data:`ROUTE_CODES` per input position.
+    * ``mode``: long ``[M, seq_len]``, the document's true forget mode (``-1`` none). Only
+      positions with route ``forget`` are labelled: a trainer must not route on ``mode``
+      elsewhere (it is there for per-mode evaluation and statistics).
+    * ``category``: evaluation category per sequence (one of :data:`CATEGORIES`).
+    * ``domain``: source domain per sequence (``""`` if unknown).
+    """
+
+    tokens: torch.Tensor
+    route: torch.Tensor
+    mode: torch.Tensor
+    category: list[str]
+    domain: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 2 or self.tokens.shape[1] < 2:
+            raise ValueError(f"tokens must be [M, seq_len + 1], got {tuple(self.tokens.shape)}")
+        m, length = self.tokens.shape[0], self.tokens.shape[1] - 1
+        for name in ("route", "mode"):
+            shape = tuple(getattr(self, name).shape)
+            if shape != (m, length):
+                raise ValueError(f"{name} must have shape {(m, length)}, got {shape}")
+        for name in ("tokens", "route", "mode"):
+            if getattr(self, name).dtype != torch.long:
+                raise ValueError(f"{name} must be a LongTensor")
+        if len(self.category) != m:
+            raise ValueError(f"category must have {m} entries, got {len(self.category)}")
+        if self.domain is None:
+            self.domain = [""] * m
+        elif len(self.domain) != m:
+            raise ValueError(f"domain must have {m} entries, got {len(self.domain)}")
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        """Number of input (and target) positions per sequence."""
+        return int(self.tokens.shape[1]) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of training (target) tokens."""
+        return len(self) * self.seq_len
+
+    @classmethod
+    def empty(cls, seq_len: int) -> TokenSequences:
+        """No sequences, of the given length."""
+        return cls(
+            tokens=torch.zeros(0, seq_len + 1, dtype=torch.long),
+            route=torch.zeros(0, seq_len, dtype=torch.long),
+            mode=torch.zeros(0, seq_len, dtype=torch.long),
+            category=[],
+            domain=[],
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[TokenSequences], seq_len: int | None = None) -> TokenSequences:
+        """Concatenate sequences of equal length (``seq_len`` is needed if ``parts`` is empty)."""
+        if not parts:
+            if seq_len is None:
+                raise ValueError("concat of no parts needs seq_len")
+            return cls.empty(seq_len)
+        lengths = {p.seq_len for p in parts}
+        if len(lengths) != 1 or (seq_len is not None and lengths != {seq_len}):
+            raise ValueError(f"cannot concatenate sequences of lengths {sorted(lengths)}")
+        return cls(
+            tokens=torch.cat([p.tokens for p in parts]),
+            route=torch.cat([p.route for p in parts]),
+            mode=torch.cat([p.mode for p in parts]),
+            category=[c for p in parts for c in p.category],
+            domain=[d for p in parts for d in (p.domain or [])],
+        )
+
+    def subset(self, index: Sequence[int] | torch.Tensor) -> TokenSequences:
+        """The sequences at ``index`` (in that order)."""
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        rows = idx.tolist()
+        domain = self.domain or [""] * len(self)
+        return TokenSequences(
+            tokens=self.tokens[idx],
+            route=self.route[idx],
+            mode=self.mode[idx],
+            category=[self.category[i] for i in rows],
+            domain=[domain[i] for i in rows],
+        )
+
+    def select(self, categories: str | Iterable[str]) -> TokenSequences:
+        """The sequences whose category is in ``categories`` (original order)."""
+        wanted = {categories} if isinstance(categories, str) else set(categories)
+        return self.subset([i for i, c in enumerate(self.category) if c in wanted])
+
+    def by_category(self) -> dict[str, TokenSequences]:
+        """Sequences per category present (in :data:`CATEGORIES` order, then others)."""
+        present = sorted(set(self.category), key=_category_order)
+        return {c: self.select(c) for c in present}
+
+    def by_mode(self) -> dict[int, TokenSequences]:
+        """Sequences per forget mode (the mode of each sequence's first position)."""
+        if len(self) == 0:
+            return {}
+        first = self.mode[:, 0]
+        return {
+            int(m): self.subset(torch.nonzero(first == m).flatten())
+            for m in torch.unique(first).tolist()
+        }
+
+
+def _category_order(category: str) -> tuple[int, str]:
+    return (CATEGORIES.index(category) if category in CATEGORIES else len(CATEGORIES), category)
+
+
+def token_counts(seqs: TokenSequences) -> dict[str, int]:
+    """Training (target) tokens per category; every name in :data:`CATEGORIES` is present."""
+    counts = dict.fromkeys(CATEGORIES, 0)
+    for category in seqs.category:
+        counts[category] = counts.get(category, 0) + seqs.seq_len
+    return counts
+
+
+def pack_documents(
+    docs: Sequence[LabelledDocument],
+    seq_len: int,
+    seed: int = 0,
+    tokenizer: Tokenizer | None = None,
+    *,
+    token_ids: Sequence[Sequence[int]] | None = None,
+) -> TokenSequences:
+    """Pack labelled documents into uniform-label sequences of ``seq_len + 1`` tokens.
+
+    Documents are shuffled (seeded), grouped by (route, domain, mode, category), joined
+    with an end-of-text token after each, and cut into non-overlapping windows; each
+    group's remainder is dropped. Groups appear in sorted order. ``token_ids`` (one list
+    per document) skips tokenization; else ``tokenizer`` (default: the shipped one) is used.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if token_ids is None:
+        tok = tokenizer if tokenizer is not None else default_tokenizer()
+        token_ids = encode_texts(tok, [d.doc.text for d in docs])
+    elif len(token_ids) != len(docs):
+        raise ValueError(f"token_ids has {len(token_ids)} entries for {len(docs)} documents")
+    order = _rng(seed, _PACK).permutation(len(docs))
+    streams: dict[tuple[str, str, int, str], list[np.ndarray]] = {}
+    eot = np.array([EOT_ID], dtype=np.int64)
+    for i in order.tolist():
+        ld = docs[i]
+        if ld.route not in ROUTE_CODES:
+            raise ValueError(f"unknown route label {ld.route!r}")
+        key = (ld.route, ld.doc.domain, ld.doc.mode, ld.category)
+        parts = streams.setdefault(key, [])
+        parts.append(np.asarray(token_ids[i], dtype=np.int64))
+        parts.append(eot)
+    window = seq_len + 1
+    pieces: list[TokenSequences] = []
+    for (route, domain, mode, category), parts in sorted(streams.items()):
+        stream = np.concatenate(parts)
+        n = len(stream) // window
+        if n == 0:
+            continue
+        tokens = torch.from_numpy(stream[: n * window].reshape(n, window).copy())
+        pieces.append(
+            TokenSequences(
+                tokens=tokens,
+                route=torch.full((n, seq_len), ROUTE_CODES[route], dtype=torch.long),
+                mode=torch.full((n, seq_len), mode, dtype=torch.long),
+                category=[category] * n,
+                domain=[domain] * n,
+            )
+        )
+    return TokenSequences.concat(pieces, seq_len=seq_len)
+
+
+def split_documents(
+    docs: Sequence[Document], eval_fraction: float, seed: int = 0
+) -> tuple[list[Document], list[Document]]:
+    """Split into (train, eval), stratified by (domain, mode); both keep the input order.
+
+    Each stratum of ``n`` documents gives ``round(n * eval_fraction)`` documents to eval
+    (at least one if ``eval_fraction > 0`` and ``n >= 2``).
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    rng = _rng(seed, _SPLIT)
+    strata: dict[tuple[str, int], list[int]] = {}
+    for i, doc in enumerate(docs):
+        strata.setdefault((doc.domain, doc.mode), []).append(i)
+    held_out: set[int] = set()
+    for key in sorted(strata):
+        members = strata[key]
+        k = round(len(members) * eval_fraction)
+        if eval_fraction > 0 and len(members) >= 2:
+            k = min(max(k, 1), len(members) - 1)
+        chosen = rng.permutation(len(members))[:k]
+        held_out.update(members[j] for j in chosen.tolist())
+    train = [d for i, d in enumerate(docs) if i not in held_out]
+    evals = [d for i, d in enumerate(docs) if i in held_out]
+    return train, evals
+
+
+def subsample_domain(
+    docs: Sequence[Document],
+    domain: str,
+    fraction: float,
+    seed: int = 0,
+    *,
+    unit: str = "chars",
+) -> list[Document]:
+    """Keep a random ``fraction`` of ``domain``'s documents; other documents are untouched.
+
+    ``unit="chars"``: the kept documents hold about ``fraction`` of the domain's characters
+    (the prefix of a random order whose size is closest to it);
+    ``unit="docs"``: ``round(fraction * n)`` documents. Input order is kept.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if unit not in ("chars", "docs"):
+        raise ValueError(f"unit must be 'chars' or 'docs', got {unit!r}")
+    members = [i for i, d in enumerate(docs) if d.domain == domain]
+    order = [members[j] for j in _rng(seed, _SUBSAMPLE).permutation(len(members)).tolist()]
+    if unit == "docs":
+        keep = order[: round(fraction * len(order))]
+    else:
+        sizes = np.array([len(docs[i].text) for i in order], dtype=np.int64)
+        prefix_sums = np.concatenate([[0], np.cumsum(sizes)])
+        target = fraction * int(prefix_sums[-1])
+        keep = order[: int(np.argmin(np.abs(prefix_sums - target)))]
+    kept = set(keep)
+    return [d for i, d in enumerate(docs) if d.domain != domain or i in kept]
+
+
+def subsample_to_share(
+    docs: Sequence[Document], forget_domains: Set[str], share: float, seed: int = 0
+) -> list[Document]:
+    """Subsample so that ``forget_domains`` hold about ``share`` of all characters.
+
+    Whichever side is in excess is subsampled (every domain of it by the same character
+    fraction); the other side is kept whole. ``share=0`` drops the forget domains.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"forget_share must be in [0, 1], got {share}")
+    chars: dict[str, int] = {}
+    for doc in docs:
+        chars[doc.domain] = chars.get(doc.domain, 0) + len(doc.text)
+    forget = sum(n for d, n in chars.items() if d in forget_domains)
+    rest = sum(n for d, n in chars.items() if d not in forget_domains)
+    if share > 0 and forget == 0:
+        raise ValueError(f"forget_share={share} but there is no forget-domain text")
+    if share < 1 and rest == 0:
+        raise ValueError(f"forget_share={share} but there is no retain-domain text")
+    current = forget / (forget + rest)
+    if share == current:
+        return list(docs)
+    if share < current:
+        shrink = [d for d in chars if d in forget_domains]
+        fraction = share * rest / ((1.0 - share) * forget)
+    else:
+        shrink = [d for d in chars if d not in forget_domains]
+        fraction = (1.0 - share) * forget / (share * rest)
+    out = list(docs)
+    for domain in sorted(shrink):
+        out = subsample_domain(out, domain, min(fraction, 1.0), seed)
+    return out
+
+
+def cap_documents(docs: Sequence[Document], max_docs: int, seed: int = 0) -> list[Document]:
+    """Keep at most ``max_docs`` random documents per domain (input order kept)."""
+    if max_docs < 1:
+        raise ValueError(f"max_docs must be >= 1, got {max_docs}")
+    by_domain: dict[str, list[int]] = {}
+    for i, doc in enumerate(docs):
+        by_domain.setdefault(doc.domain, []).append(i)
+    rng = _rng(seed, _CAP)
+    kept: set[int] = set()
+    for domain in sorted(by_domain):
+        members = by_domain[domain]
+        chosen = rng.permutation(len(members))[:max_docs]
+        kept.update(members[j] for j in chosen.tolist())
+    return [d for i, d in enumerate(docs) if i in kept]
+
+
+class BatchIterator:
+    """Deterministic shuffled minibatches of a :class:`TokenSequences`.
+
+    The sequence order is an endless stream of epochs, each a fresh permutation seeded by
+    ``(seed, epoch)``; batch ``s`` holds stream positions ``[s * B, (s + 1) * B)``, so a
+    batch may span two epochs and every sequence is seen once per epoch. Batch ``s`` depends
+    only on ``(seqs, batch_size, seed, s)``: an iterator built with ``start_step=k`` yields
+    exactly what a fresh one yields from step ``k``. ``num_steps`` is the total length of
+    the run counted from step 0 (``None`` = endless). Batches are dicts with ``tokens``
+    ``[B, L + 1]``, ``route`` ``[B, L]`` and ``mode`` ``[B, L]`` (CPU tensors).
+    """
+
+    def __init__(
+        self,
+        seqs: TokenSequences,
+        batch_size: int,
+        seed: int = 0,
+        start_step: int = 0,
+        num_steps: int | None = None,
+        shuffle: bool = True,
+    ) -> None:
+        if len(seqs) == 0:
+            raise ValueError("cannot iterate over zero sequences")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        if num_steps is not None and num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        _rng(seed, _BATCH)  # validates the seed
+        self.seqs = seqs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+        self.num_steps = num_steps
+        self.shuffle = shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def steps_per_epoch(self) -> float:
+        """Batches per pass over the data (may be fractional)."""
+        return len(self.seqs) / self.batch_size
+
+    def epoch(self, step: int) -> float:
+        """Epochs completed at the start of ``step``."""
+        return step * self.batch_size / len(self.seqs)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 4:
+                self._perms.pop(min(self._perms))
+            n = len(self.seqs)
+            self._perms[epoch] = (
+                _rng(self.seed, _BATCH, epoch).permutation(n) if self.shuffle else np.arange(n)
+            )
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Indices into ``seqs`` of the sequences in batch ``step``."""
+        n = len(self.seqs)
+        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        epochs, offsets = np.divmod(positions, n)
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for e in np.unique(epochs).tolist():
+            sel = epochs == e
+            out[sel] = self._perm(int(e))[offsets[sel]]
+        return torch.from_numpy(out)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """Batch number ``step`` (random access)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        idx = self.indices(step)
+        return {
+            "tokens": self.seqs.tokens[idx],
+            "route": self.seqs.route[idx],
+            "mode": self.seqs.mode[idx],
+        }
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        step = self.start_step
+        while self.num_steps is None or step < self.num_steps:
+            yield self.batch(step)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.num_steps is None:
+            raise TypeError("an endless BatchIterator has no length")
+        return max(0, self.num_steps - self.start_step)
+
+
+def sequential_batches(
+    seqs: TokenSequences, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches in order, the last one possibly smaller (for evaluation)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(seqs), batch_size):
+        end = start + batch_size
+        yield {
+            "tokens": seqs.tokens[start:end],
+            "route": seqs.route[start:end],
+            "mode": seqs.mode[start:end],
+        }
+
+
+@dataclass
+class PreparedData:
+    """Output of :func:`prepare_documents`: training and held-out sequences."""
+
+    train: TokenSequences
+    #: held-out sequences per category of :data:`EVAL_CATEGORIES` (possibly empty)
+    eval: dict[str, TokenSequences]
+    #: training tokens per category (``forget_undiscovered`` is the leakage denominator)
+    train_token_counts: dict[str, int]
+    eval_token_counts: dict[str, int]
+    tokenizer: Tokenizer
+    forget_domains: frozenset[str]
+    seq_len: int
+    train_docs: list[LabelledDocument] = field(default_factory=list, repr=False)
+    eval_docs: list[LabelledDocument] = field(default_factory=list, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size of the tokenizer."""
+        return int(self.tokenizer.get_vocab_size())
+
+
+def prepare_documents(
+    docs: Sequence[Document],
+    forget_domains: Set[str],
+    seq_len: int = 128,
+    eval_fraction: float = 0.1,
+    forget_share: float | None = None,
+    monitor: Monitor | None = None,
+    seed: int = 0,
+    tokenizer: Tokenizer | None = None,
+    max_docs: int | None = None,
+) -> PreparedData:
+    """The default data pipeline for any documents.
+
+    1. ``max_docs``: keep at most that many random documents per domain;
+    2. split off ``eval_fraction`` of each (domain, mode) as held-out documents;
+    3. ``forget_share``: subsample the training documents so the forget domains hold about
+       that share of the training characters (``None`` = keep the natural mix);
+    4. label training documents with ``monitor`` (default ``Monitor()``), and held-out ones
+       with the same recall but no false positives and every retain document ``retain``,
+       so held-out forget documents split into labelled and undiscovered;
+    5. tokenize (one parallel batch) and pack (see :func:`pack_documents`).
+    """
+    if isinstance(forget_domains, str):
+        raise TypeError("forget_domains must be a set of domain names, not a string")
+    forget_domains = frozenset(forget_domains)
+    if not docs:
+        raise ValueError("no documents")
+    monitor = monitor if monitor is not None else Monitor()
+    monitor.validate()
+    tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
+    if max_docs is not None:
+        docs = cap_documents(docs, max_docs, seed)
+    train_docs, eval_docs = split_documents(docs, eval_fraction, seed)
+    if forget_share is not None:
+        train_docs = subsample_to_share(train_docs, forget_domains, forget_share, seed)
+    eval_monitor = replace(monitor, false_positive_rate=0.0, retain_labeled_share=1.0)
+    train_labelled = monitor.label(train_docs, forget_domains, stream=0)
+    eval_labelled = eval_monitor.label(eval_docs, forget_domains, stream=1)
+    ids = encode_texts(tokenizer, [d.text for d in (*train_docs, *eval_docs)])
+    n_train = len(train_docs)
+    train = pack_documents(train_labelled, seq_len, seed, token_ids=ids[:n_train])
+    held_out = pack_documents(eval_labelled, seq_len, seed, token_ids=ids[n_train:])
+    evals = {c: held_out.select(c) for c in EVAL_CATEGORIES}
+    return PreparedData(
+        train=train,
+        eval=evals,
+        train_token_counts=token_counts(train),
+        eval_token_counts={c: s.num_tokens for c, s in evals.items()},
+        tokenizer=tokenizer,
+        forget_domains=forget_domains,
+        seq_len=seq_len,
+        train_docs=train_labelled,
+        eval_docs=eval_labelled,
+    )
+
+
+def prepare_bilingual(
+    seq_len: int = 128,
+    eval_fraction: float = 0.1,
+    forget_share: float | None = None,
+    monitor: Monitor | None = None,
+    seed: int = 0,
+    tokenizer: Tokenizer | None = None,
+    max_docs: int | None = None,
+) -> PreparedData:
+    """:func:`prepare_documents` on the embedded TinyStories: English retain, Russian forget."""
+    return prepare_documents(
+        embedded_bilingual(),
+        {BILINGUAL_FORGET_DOMAIN},
+        seq_len=seq_len,
+        eval_fraction=eval_fraction,
+        forget_share=forget_share,
+        monitor=monitor,
+        seed=seed,
+        tokenizer=tokenizer,
+        max_docs=max_docs,
+    )

@@ -1,0 +1,203 @@
+"""The one training loop: every method, every corpus, every study run goes through here.
+
+    result = train(load_config(overrides=["train.method=sgtm"]), out_dir="runs/x")
+
+A step is: forward with route labels, summed token loss / token count, backward,
+``StepLedger`` drops idle groups (no optimizer movement on behalf of forget tokens),
+per-group gradient clipping, AdamW step. Evaluation lives in :mod:`evil_moe.eval`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from evil_moe.data.batching import BatchIterator
+from evil_moe.eval.losses import evaluate_losses
+from evil_moe.models.testbed import Testbed, lm_loss
+from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group, parameter_groups
+from evil_moe.train.config import RunConfig
+from evil_moe.train.io import (
+    append_jsonl,
+    load_checkpoint,
+    read_jsonl,
+    save_checkpoint,
+    write_json,
+    write_jsonl,
+    write_tensors,
+)
+from evil_moe.train.setup import PreparedRun, prepare_run
+
+#: routing semantics used in training for each method
+METHOD_SEMANTICS = {
+    "none": "none",
+    "filter": "none",
+    "sgtm": "sgtm",
+    "gradient_routing": "gradient_routing",
+    "demix": "demix",
+}
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns (and writes to ``out_dir``)."""
+
+    metrics: dict[str, Any]
+    model: Testbed
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    ratio = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return t.lr * ratio
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (biases, norm gains) do not."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    t = cfg.train
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": t.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+    )
+
+
+def unrouted_names(model: Testbed) -> set[str]:
+    """Shared parameters that every token trains (embeddings / norms when not routed)."""
+    names = set()
+    for name, _ in model.named_parameters():
+        is_embedding = name in ("wte.weight", "wpe.weight")
+        is_norm = "norm" in name
+        if (is_embedding and not model.cfg.route_embeddings) or (
+            is_norm and not model.cfg.route_norms
+        ):
+            names.add(name)
+    return names
+
+
+def train_step(
+    model: Testbed,
+    batch: dict[str, torch.Tensor],
+    semantics: str,
+    ledger: StepLedger,
+) -> float:
+    """Forward and backward of one micro-batch; returns its mean token loss."""
+    tokens = batch["tokens"]
+    route = batch["route"]
+    logits = model(tokens[:, :-1], route=route, mode=batch.get("mode"), semantics=semantics)
+    loss = lm_loss(logits, tokens[:, 1:])
+    loss.backward()
+    ledger.record(route if semantics != "none" else None)
+    return float(loss.detach())
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    prepared: PreparedRun | None = None,
+) -> RunResult:
+    """Train one run, evaluate it before/after ablation, and write its outputs.
+
+    If ``out_dir`` holds a checkpoint of the same config, training resumes from it.
+    """
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    run = prepared if prepared is not None else prepare_run(cfg)
+    model = run.model
+    semantics = METHOD_SEMANTICS[t.method]
+    optimizer = make_optimizer(model, cfg)
+    groups = parameter_groups(model, unrouted_names(model))
+    ledger = StepLedger(groups, semantics)
+
+    out = Path(out_dir) if out_dir is not None else None
+    start = 0
+    log: list[dict[str, Any]] = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", cfg.to_dict())
+        resumed = load_checkpoint(out, model, optimizer)
+        if resumed is not None:
+            start = resumed
+            log = [r for r in read_jsonl(out / "train_log.jsonl") if r["step"] <= start]
+        write_jsonl(out / "train_log.jsonl", log)
+
+    batches = iter(BatchIterator(run.train, t.batch_size, seed=t.seed, start_step=start))
+    bar = tqdm(
+        total=t.steps,
+        initial=start,
+        desc=f"train {t.method}",
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
+    model.train()
+    tokens_seen = 0
+    train_seconds = 0.0
+    recent: list[float] = []
+    for step in range(start, t.steps):
+        began = time.perf_counter()
+        batch = next(batches)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss = train_step(model, batch, semantics, ledger)
+        skipped = ledger.release_idle()
+        norms = clip_grad_norm_by_group(groups, t.grad_clip) if t.grad_clip > 0 else {}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.perf_counter() - began
+        tokens_seen += batch["route"].numel()
+        recent.append(loss)
+        bar.update(1)
+        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+            record = {
+                "step": step + 1,
+                "loss": sum(recent) / len(recent),
+                "lr": lr_at(step, cfg),
+                "grad_norm": norms,
+                "skipped": [k for k, v in skipped.items() if v],
+            }
+            recent = []
+            log.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if out is not None:
+                append_jsonl(out / "train_log.jsonl", record)
+        if out is not None and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+            save_checkpoint(out, step + 1, model, optimizer)
+    bar.close()
+
+    model.eval()
+    losses = evaluate_losses(model, run.eval, batch_size=t.batch_size)
+    metrics: dict[str, Any] = {
+        "method": t.method,
+        "loss": losses,
+        "tokens_per_second": tokens_seen / train_seconds if train_seconds > 0 else None,
+        "train_tokens": run.token_counts,
+        "parameters": model.num_parameters(),
+        "steps": t.steps,
+        "final_train_loss": log[-1]["loss"] if log else None,
+    }
+    if out is not None:
+        write_tensors(out / "model.safetensors", model.state_dict(), {"method": t.method})
+        write_json(out / "metrics.json", metrics)
+        for stale in (*out.glob("checkpoint-*.safetensors"), out / "checkpoint.json"):
+            stale.unlink(missing_ok=True)
+    return RunResult(metrics=metrics, model=model, log=log)
