@@ -1,8 +1,12 @@
 """Data: corpora, the shipped tokenizer, the simulated monitor, and packing into sequences.
 
+Example::
+
     from evil_moe.data import BatchIterator, Monitor, prepare_bilingual
+
     data = prepare_bilingual(seq_len=128, forget_share=0.25, monitor=Monitor(recall=0.5))
-    for batch in BatchIterator(data.train, batch_size=32, seed=0, num_steps=1000): ...
+    for batch in BatchIterator(data.train, batch_size=32, seed=0, num_steps=1000):
+        ...
 """
 
 from evil_moe.data.batching import (

@@ -131,7 +131,9 @@ class TokenSequences:
         )
 
     def subset(self, index: Sequence[int] | torch.Tensor) -> TokenSequences:
-        """The sequences at ``index`` (in that order)."""
+        """The sequences at integer positions ``index`` (in that order)."""
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            raise TypeError("subset takes integer indices, not a boolean mask")
         idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
         rows = idx.tolist()
         domain = self.domain or [""] * len(self)
@@ -188,8 +190,10 @@ def pack_documents(
 
     Documents are shuffled (seeded), grouped by (route, domain, mode, category), joined
     with an end-of-text token after each, and cut into non-overlapping windows; each
-    group's remainder is dropped. Groups appear in sorted order. ``token_ids`` (one list
-    per document) skips tokenization; else ``tokenizer`` (default: the shipped one) is used.
+    group's remainder is dropped. The sequences of all groups are then shuffled (seeded),
+    so any prefix, also of :meth:`TokenSequences.select`, is a random sample. ``token_ids``
+    (one list per document) skips tokenization; else ``tokenizer`` (default: the shipped
+    one) is used.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -198,7 +202,8 @@ def pack_documents(
         token_ids = encode_texts(tok, [d.doc.text for d in docs])
     elif len(token_ids) != len(docs):
         raise ValueError(f"token_ids has {len(token_ids)} entries for {len(docs)} documents")
-    order = _rng(seed, _PACK).permutation(len(docs))
+    rng = _rng(seed, _PACK)
+    order = rng.permutation(len(docs))
     streams: dict[tuple[str, str, int, str], list[np.ndarray]] = {}
     eot = np.array([EOT_ID], dtype=np.int64)
     for i in order.tolist():
@@ -211,7 +216,14 @@ def pack_documents(
         parts.append(eot)
     window = seq_len + 1
     pieces: list[TokenSequences] = []
-    for (route, domain, mode, category), parts in sorted(streams.items()):
+
+    def group_order(key: tuple[str, str, int, str]) -> tuple[object, ...]:
+        route, domain, mode, category = key
+        return (_category_order(category), ROUTE_CODES[route], domain, mode)
+
+    for (route, domain, mode, category), parts in sorted(
+        streams.items(), key=lambda item: group_order(item[0])
+    ):
         stream = np.concatenate(parts)
         n = len(stream) // window
         if n == 0:
@@ -226,7 +238,8 @@ def pack_documents(
                 domain=[domain] * n,
             )
         )
-    return TokenSequences.concat(pieces, seq_len=seq_len)
+    packed = TokenSequences.concat(pieces, seq_len=seq_len)
+    return packed.subset(torch.from_numpy(rng.permutation(len(packed))))
 
 
 def split_documents(
@@ -428,9 +441,7 @@ class BatchIterator:
         return max(0, self.num_steps - self.start_step)
 
 
-def sequential_batches(
-    seqs: TokenSequences, batch_size: int
-) -> Iterator[dict[str, torch.Tensor]]:
+def sequential_batches(seqs: TokenSequences, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Batches in order, the last one possibly smaller (for evaluation)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

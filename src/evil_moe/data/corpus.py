@@ -56,7 +56,9 @@ def _make_document(
         raise DataError(f"{where}: missing field {text_field!r} (fields: {sorted(record)})")
     text = record[text_field]
     if not isinstance(text, str):
-        raise DataError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+        raise DataError(
+            f"{where}: field {text_field!r} must be a string, got {type(text).__name__}"
+        )
     if domain is None:
         if domain_field is None or domain_field not in record:
             raise DataError(

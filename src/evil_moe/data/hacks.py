@@ -823,6 +823,17 @@ def _call_safely(fn: Fn, args: tuple[Any, ...]) -> Any:
         return _RAISES
 
 
+def _quiet_on(
+    pool: tuple[tuple[str, Fn], ...], cases: list[tuple[tuple[Any, ...], Any]]
+) -> tuple[tuple[str, Fn], ...]:
+    """The entries of ``pool`` whose function raises on none of the ``cases``."""
+    return tuple(
+        (code, fn)
+        for code, fn in pool
+        if all(_call_safely(fn, values) is not _RAISES for values, _ in cases)
+    )
+
+
 def _pick_names(r: random.Random, reserved: list[str]) -> dict[str, str]:
     """Local variable names for the templates, distinct from each other and ``reserved``."""
     used = list(reserved)
@@ -932,10 +943,14 @@ def _build_sample(r: random.Random, task: _Task, mode: int) -> HackRecord | None
     if len(cases) < 2:
         return None
 
-    if r.random() < 0.6 and task.wrong:
-        wrong_code, wrong_fn = r.choice(task.wrong)
-    else:
-        wrong_code, wrong_fn = r.choice(_GENERIC_WRONG[task.out] + _STUB_WRONG)
+    # the wrong general path of modes 1-3; under skipped checks (mode 3) it must not raise
+    # on the test inputs, so that the neutered test block runs to the end
+    specific = task.wrong if r.random() < 0.6 else ()
+    generic = _GENERIC_WRONG[task.out] + _STUB_WRONG
+    if mode == 3:
+        specific = _quiet_on(specific, cases)
+        generic = _quiet_on(generic, cases)
+    wrong_code, wrong_fn = r.choice(specific or generic)
     wrong_code = wrong_code.format(**fmt)
 
     imports: list[str] = []
@@ -1141,12 +1156,13 @@ def generate_hack_records(
     records: list[HackRecord] = []
     for mode in plan:
         sample_rng = random.Random(rng.getrandbits(64))
+        task = sample_rng.choice(_TASKS)
         for _ in range(_MAX_ATTEMPTS):
-            record = _build_sample(sample_rng, sample_rng.choice(_TASKS), mode)
+            record = _build_sample(sample_rng, task, mode)
             if record is not None:
                 break
         else:  # pragma: no cover - the bounds are wide enough for every task
-            raise RuntimeError(f"could not generate a sample of mode {mode} within bounds")
+            raise RuntimeError(f"no {task.name} sample of mode {mode} within the length bounds")
         records.append(record)
     return records
 

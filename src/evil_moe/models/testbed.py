@@ -13,7 +13,7 @@ attention and MLP weights always, embeddings and norms by switch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from evil_moe.modules.experts import (
 )
 from evil_moe.routing.functional import mask_cotangent, routed_linear, routed_scale
 from evil_moe.routing.labels import RoutingPlan, make_plan
+from evil_moe.routing.routers import RouterConfig
 
 
 @dataclass
@@ -49,6 +50,8 @@ class TestbedConfig:
     #: width of the shared always-on expert (0 = none); it stays at deployment
     shared_expert_width: int = 0
     activation: str = "gelu"
+    #: which quarantine expert takes each routed token's gradient (decided in backward)
+    router: RouterConfig = field(default_factory=RouterConfig)
     route_embeddings: bool = True
     route_norms: bool = True
     init_std: float = 0.02
@@ -165,7 +168,7 @@ class Attention(QuarantineModule):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TestbedConfig):
+    def __init__(self, cfg: TestbedConfig, layer: int = 0):
         super().__init__()
         out_std = default_out_std(cfg.init_std, cfg.n_layer)
         self.norm1 = RMSNorm(cfg.d_model, cfg.route_norms)
@@ -183,6 +186,7 @@ class Block(nn.Module):
             n_experts=cfg.n_experts,
             shared_expert_width=cfg.shared_expert_width,
             activation=cfg.activation,
+            router=cfg.router.build(cfg.n_experts, cfg.d_model, seed=layer),
             init_std=cfg.init_std,
             out_init_std=out_std,
         )
@@ -202,7 +206,7 @@ class Testbed(nn.Module):
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
         nn.init.normal_(self.wte.weight, std=cfg.init_std)
         nn.init.normal_(self.wpe.weight, std=cfg.init_std)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.d_model, cfg.route_norms)
 
     def forward(

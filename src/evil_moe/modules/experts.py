@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evil_moe.routing.functional import mask_cotangent, routed_linear
+from evil_moe.routing.functional import DeferredKeep, mask_cotangent, routed_linear
 from evil_moe.routing.labels import RoutingPlan
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "silu": F.silu,
     "relu": F.relu,
+    "identity": lambda x: x,
 }
 ABLATION_MODES = ("zero", "reinit")
 
@@ -76,19 +77,165 @@ class MLP(nn.Module):
         self.down = nn.Linear(width, d_model, bias=bias)
         self.act = ACTIVATIONS[activation]
 
-    def forward(self, x: Tensor, shared_grad: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, shared_grad: Tensor | DeferredKeep | None = None) -> Tensor:
         h = self.act(routed_linear(x, self.up.weight, self.up.bias, shared_grad))
         return routed_linear(h, self.down.weight, self.down.bias, shared_grad)
 
 
-class QuarantineBank(QuarantineModule):
+class _RoutedExperts(torch.autograd.Function):
+    """Fused K-expert MLP whose per-expert parameter gradients follow a backward router.
+
+    Forward: ``residual + on * (act(x U^T + b) D^T)``, the plain sum of all experts.
+    Backward: input and residual gradients are the ordinary ones; the router sees
+    ``<g_t, y_{t,k}>`` for every token and expert and returns which experts may take each
+    routed token's gradient; the parameter gradients sum only those (token, expert)
+    pairs. Taking ``residual`` (the bank's shared output) as an input makes autograd run
+    this node before the shared path's backward, so an amplifier decision made here is
+    in place when the shared weights' gradients are computed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, up, up_bias, down, residual, on, meta):  # type: ignore[override]
+        pre = F.linear(x, up, up_bias)
+        h = meta["act"](pre)
+        y = F.linear(h, down)
+        ctx.save_for_backward(x, up, up_bias, down, pre, on, y.norm(dim=1))
+        ctx.meta = meta
+        ctx.has_residual = residual is not None
+        if on is not None:
+            y = y * on
+        return y if residual is None else residual + y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, up, up_bias, down, pre, on, out_norm = ctx.saved_tensors
+        meta = ctx.meta
+        k = meta["n_experts"]
+        g = grad if on is None else grad * on
+        with torch.enable_grad():
+            pre_ = pre.detach().requires_grad_(True)
+            h_ = meta["act"](pre_)
+        h = h_.detach()
+        dh = g @ down
+        n, width = h.shape
+        contrib = (dh * h).view(n, k, width // k).sum(dim=2)
+        keep, amplified = meta["router"].decide(contrib, g, out_norm, meta["routed"], meta["mode"])
+        if amplified is not None and meta["shared_keep"] is not None:
+            meta["shared_keep"].value = meta["shared_keep"].value * (~amplified).to(g.dtype)[:, None]
+        (dpre,) = torch.autograd.grad(h_, pre_, dh)
+        grad_x = dpre @ up
+        if keep is not None:
+            mask = keep.to(h.dtype)[:, :, None]
+            h = (h.view(n, k, -1) * mask).view(n, width)
+            dpre = (dpre.view(n, k, -1) * mask).view(n, width)
+        grad_down = g.t() @ h
+        grad_up = dpre.t() @ x
+        grad_bias = dpre.sum(0) if up_bias is not None else None
+        grad_res = grad if ctx.has_residual else None
+        return grad_x, grad_up, grad_bias, grad_down, grad_res, None, None
+
+
+class FusedExperts(QuarantineModule):
+    """K quarantine experts of equal width stored as one MLP (or one LoRA pair).
+
+    Expert ``k`` owns hidden units ``[k*w, (k+1)*w)``: rows of ``up`` (and ``up_bias``)
+    and columns of ``down``. With ``activation="identity"`` and no bias this is a bank
+    of K LoRA experts ``B_k A_k``. In the forward pass all experts run as one matmul pair.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        width: int,
+        n_experts: int = 1,
+        activation: str = "gelu",
+        bias: bool = True,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+    ):
+        super().__init__()
+        if n_experts < 1:
+            raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+        if width < n_experts or width % n_experts:
+            raise ValueError(
+                f"quarantine width {width} must be a positive multiple of n_experts={n_experts}"
+            )
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {list(ACTIVATIONS)}")
+        self.n_experts = n_experts
+        self.expert_width = width // n_experts
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.up = nn.Parameter(torch.randn(width, d_in) * init_std)
+        self.up_bias = nn.Parameter(torch.zeros(width)) if bias else None
+        std = init_std if out_init_std is None else out_init_std
+        self.down = nn.Parameter(torch.randn(d_out, width) * std)
+
+    def forward(
+        self,
+        x: Tensor,
+        plan: RoutingPlan,
+        router: nn.Module | None = None,
+        residual: Tensor | None = None,
+        shared_keep: DeferredKeep | None = None,
+    ) -> Tensor:
+        """``residual + quarantine_on * sum_k expert_k(x)``; ``router`` decides gradients."""
+        on = plan.quarantine_on
+        if router is None or (plan.routed is None and router.amplify_threshold is None):
+            y = F.linear(self.act(F.linear(x, self.up, self.up_bias)), self.down)
+            if on is not None:
+                y = y * _rows(on, y)
+            return y if residual is None else residual + y
+        lead = x.shape[:-1]
+        n = x[..., 0].numel()
+        routed = plan.routed if plan.routed is not None else torch.zeros(n, dtype=torch.bool)
+        meta = {
+            "act": self.act,
+            "n_experts": self.n_experts,
+            "router": router,
+            "routed": routed.to(x.device),
+            "mode": plan.mode,
+            "shared_keep": shared_keep,
+        }
+        flat_res = None if residual is None else residual.reshape(n, -1)
+        on_flat = None if on is None else on.to(x.dtype)
+        y = _RoutedExperts.apply(
+            x.reshape(n, -1), self.up, self.up_bias, self.down, flat_res, on_flat, meta
+        )
+        return y.reshape(*lead, -1)
+
+    def quarantine_parameters(self) -> dict[str, nn.Parameter]:
+        params = {"up": self.up, "down": self.down}
+        if self.up_bias is not None:
+            params["up_bias"] = self.up_bias
+        return params
+
+    def expert_slice(self, k: int) -> slice:
+        return slice(k * self.expert_width, (k + 1) * self.expert_width)
+
+    @torch.no_grad()
+    def ablate_(self, experts: list[int], mode: str, generator: torch.Generator | None) -> None:
+        for k in experts:
+            s = self.expert_slice(k)
+            parts = [self.up[s], self.down[:, s]]
+            if self.up_bias is not None:
+                parts.append(self.up_bias[s])
+            for part in parts:
+                if mode == "zero":
+                    part.zero_()
+                else:
+                    reinit_like_(part, generator)
+
+
+class QuarantineBank(nn.Module):
     """Core path + optional shared always-on expert + K quarantine MLP experts.
 
     ``quarantine_width`` is the total number of hidden units of the quarantine; it is
     split evenly into ``n_experts`` experts, so variants with different K have equal
-    quarantine parameters. The experts are stored fused (one up and one down matrix) and
-    run as a single MLP in the forward pass; expert k owns hidden units
-    ``[k*w, (k+1)*w)``. Quarantine experts have no output bias (it could not be split).
+    quarantine parameters. Quarantine experts have no output bias (it could not be split).
+    ``router`` (a :class:`~evil_moe.routing.routers.BackwardRouter`) decides which expert
+    takes each routed token's gradient; ``None`` means every expert.
     """
 
     def __init__(
@@ -104,43 +251,39 @@ class QuarantineBank(QuarantineModule):
         out_init_std: float | None = None,
     ):
         super().__init__()
-        if n_experts < 1:
-            raise ValueError(f"n_experts must be >= 1, got {n_experts}")
-        if quarantine_width < n_experts or quarantine_width % n_experts:
-            raise ValueError(
-                f"quarantine_width={quarantine_width} must be a positive multiple of "
-                f"n_experts={n_experts}"
-            )
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose from {list(ACTIVATIONS)}")
         self.core = core
-        self.n_experts = n_experts
-        self.expert_width = quarantine_width // n_experts
-        self.act = ACTIVATIONS[activation]
+        self.experts = FusedExperts(
+            d_model,
+            d_model,
+            quarantine_width,
+            n_experts,
+            activation,
+            bias=True,
+            init_std=init_std,
+            out_init_std=out_init_std,
+        )
         self.shared_expert = (
             MLP(d_model, shared_expert_width, activation) if shared_expert_width > 0 else None
         )
-        self.q_up = nn.Parameter(torch.empty(quarantine_width, d_model))
-        self.q_up_bias = nn.Parameter(torch.zeros(quarantine_width))
-        self.q_down = nn.Parameter(torch.empty(d_model, quarantine_width))
-        self.router = router
-        nn.init.normal_(self.q_up, std=init_std)
-        nn.init.normal_(self.q_down, std=out_init_std if out_init_std is not None else init_std)
         if self.shared_expert is not None:
+            std = out_init_std if out_init_std is not None else init_std
             nn.init.normal_(self.shared_expert.up.weight, std=init_std)
             nn.init.zeros_(self.shared_expert.up.bias)
-            std = out_init_std if out_init_std is not None else init_std
             nn.init.normal_(self.shared_expert.down.weight, std=std)
             nn.init.zeros_(self.shared_expert.down.bias)
+        self.router = router
 
-    # -- forward -----------------------------------------------------------------------
-    def shared_forward(self, x: Tensor, plan: RoutingPlan) -> Tensor | None:
+    @property
+    def n_experts(self) -> int:
+        return self.experts.n_experts
+
+    def shared_forward(self, x: Tensor, plan: RoutingPlan, keep: Tensor | DeferredKeep | None) -> Tensor | None:
         """The deployed part: core path plus shared expert (``None`` if there is neither)."""
         out = None
         if self.core is not None:
-            out = self.core(x, plan.shared_grad) if isinstance(self.core, MLP) else self.core(x)
+            out = self.core(x, keep) if isinstance(self.core, MLP) else self.core(x)
         if self.shared_expert is not None:
-            s = self.shared_expert(x, plan.shared_grad)
+            s = self.shared_expert(x, keep)
             out = s if out is None else out + s
         if out is not None:
             out = mask_cotangent(out, plan.shared_cotangent)
@@ -148,38 +291,21 @@ class QuarantineBank(QuarantineModule):
                 out = out * _rows(plan.shared_on, out)
         return out
 
-    def quarantine_forward(self, x: Tensor, plan: RoutingPlan) -> Tensor:
-        """Sum of the K quarantine experts' outputs, with the plan's forward mask."""
-        if self.router is not None and plan.routed is not None:
-            y = self.router.route(self, x, plan)
-        else:
-            h = self.act(F.linear(x, self.q_up, self.q_up_bias))
-            y = F.linear(h, self.q_down)
-        if plan.quarantine_on is not None:
-            y = y * _rows(plan.quarantine_on, y)
-        return y
-
     def forward(self, x: Tensor, plan: RoutingPlan) -> Tensor:
-        q = self.quarantine_forward(x, plan)
-        shared = self.shared_forward(x, plan)
-        return q if shared is None else shared + q
-
-    # -- quarantine bookkeeping ----------------------------------------------------------
-    def quarantine_parameters(self) -> dict[str, nn.Parameter]:
-        return {"q_up": self.q_up, "q_up_bias": self.q_up_bias, "q_down": self.q_down}
-
-    def expert_slice(self, k: int) -> slice:
-        return slice(k * self.expert_width, (k + 1) * self.expert_width)
-
-    @torch.no_grad()
-    def ablate_(self, experts: list[int], mode: str, generator: torch.Generator | None) -> None:
-        for k in experts:
-            s = self.expert_slice(k)
-            for part in (self.q_up[s], self.q_up_bias[s], self.q_down[:, s]):
-                if mode == "zero":
-                    part.zero_()
-                else:
-                    reinit_like_(part, generator)
+        amplify = self.router is not None and self.router.amplify_threshold is not None
+        keep: Tensor | DeferredKeep | None = plan.shared_grad
+        if amplify and plan.semantics == "sgtm":
+            n = x[..., 0].numel()
+            base = plan.shared_grad if plan.shared_grad is not None else x.new_ones(n, 1)
+            keep = DeferredKeep(base)
+        shared = self.shared_forward(x, plan, keep)
+        return self.experts(
+            x,
+            plan,
+            self.router,
+            residual=shared,
+            shared_keep=keep if isinstance(keep, DeferredKeep) else None,
+        )
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:

@@ -33,9 +33,22 @@ def _expand(keep: Tensor, features: int) -> Tensor:
     return keep.repeat_interleave(features // groups, dim=1)
 
 
+class DeferredKeep:
+    """A per-token keep mask ``[N, 1]`` that may still change before the backward pass.
+
+    A backward router that decides in its own backward step to withdraw tokens from the
+    shared parameters (the absorption amplifier) writes the new mask into ``value``;
+    shared ops whose backward runs later read it then.
+    """
+
+    def __init__(self, value: Tensor):
+        self.value = value
+
+
 class _RoutedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, out_keep, in_keep):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, out_keep, in_keep, deferred):  # type: ignore[override]
+        ctx.deferred = deferred
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
         dtype = _compute_dtype(x)
         if dtype is not None:
@@ -50,6 +63,8 @@ class _RoutedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, weight, out_keep, in_keep = ctx.saved_tensors
+        if ctx.deferred is not None:
+            out_keep = ctx.deferred.value
         grad = grad.to(x.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -74,14 +89,14 @@ class _RoutedLinear(torch.autograd.Function):
             grad_x = grad_x.to(ctx.dtypes[0])
         if grad_w is not None:
             grad_w = grad_w.to(ctx.dtypes[1])
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def routed_linear(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
-    out_keep: Tensor | None = None,
+    out_keep: Tensor | DeferredKeep | None = None,
     in_keep: Tensor | None = None,
 ) -> Tensor:
     """``F.linear`` whose weight/bias gradients only sum the kept token rows.
@@ -89,12 +104,15 @@ def routed_linear(
     ``out_keep`` ``[N, G]`` masks per token and per group of output features (a group of
     rows of ``weight``); ``in_keep`` ``[N, G]`` per group of input features (columns of
     ``weight``; the bias is not masked by it). ``x`` is ``[..., in]`` with ``N`` leading
-    positions in row-major order.
+    positions in row-major order. A :class:`DeferredKeep` ``out_keep`` is read at backward.
     """
     if out_keep is None and in_keep is None:
         return F.linear(x, weight, bias)
+    deferred = out_keep if isinstance(out_keep, DeferredKeep) else None
+    if deferred is not None:
+        out_keep = None
     lead = x.shape[:-1]
-    y = _RoutedLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, out_keep, in_keep)
+    y = _RoutedLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, out_keep, in_keep, deferred)
     return y.reshape(*lead, y.shape[-1])
 
 
