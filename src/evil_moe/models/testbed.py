@@ -66,7 +66,8 @@ class TestbedConfig:
             "n_quarantine_heads": self.n_quarantine_heads >= 0,
             "mlp_width": self.mlp_width >= 1,
             "n_experts": self.n_experts >= 1,
-            "quarantine_width": self.quarantine_width >= self.n_experts
+            "quarantine_width": self.n_experts >= 1
+            and self.quarantine_width >= self.n_experts
             and self.quarantine_width % self.n_experts == 0,
             "shared_expert_width": self.shared_expert_width >= 0,
             "activation": self.activation in ACTIVATIONS,

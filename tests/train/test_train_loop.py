@@ -1,0 +1,78 @@
+"""The training loop: determinism, resume after a kill, methods, filter data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evil_moe.routing.labels import RouteLabel
+from evil_moe.train.config import load_config
+from evil_moe.train.io import load_checkpoint, read_jsonl
+from evil_moe.train.loop import make_optimizer, train
+from evil_moe.train.setup import prepare_run
+
+
+def test_same_seed_same_numbers(tiny_overrides):
+    a = train(load_config(None, tiny_overrides), progress=False)
+    b = train(load_config(None, tiny_overrides), progress=False)
+    assert a.metrics["loss"] == b.metrics["loss"]
+    assert [r["loss"] for r in a.log] == [r["loss"] for r in b.log]
+    for (name, pa), (_, pb) in zip(
+        a.model.state_dict().items(), b.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+    c = train(load_config(None, [*tiny_overrides, "train.seed=1"]), progress=False)
+    assert c.metrics["loss"] != a.metrics["loss"]
+
+
+@pytest.mark.parametrize("method", ["none", "filter", "gradient_routing", "demix"])
+def test_every_method_runs(tiny_overrides, method):
+    result = train(load_config(None, [*tiny_overrides, f"train.method={method}"]), progress=False)
+    assert result.metrics["method"] == method
+    assert all(v["trained"] > 0 for v in result.metrics["loss"].values())
+
+
+def test_filter_drops_labelled_forget_data(tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, "train.method=filter"])
+    run = prepare_run(cfg)
+    assert not (run.train.route == RouteLabel.FORGET).any()
+    assert (run.data.train.route == RouteLabel.FORGET).any()
+    assert "forget_labeled" not in run.token_counts
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_overrides, monkeypatch):
+    overrides = [*tiny_overrides, "train.steps=6", "train.checkpoint_every=2"]
+    reference = train(load_config(None, overrides), progress=False)
+
+    out = tmp_path / "run"
+    import evil_moe.train.loop as loop
+
+    real_step = loop.train_step
+    calls = {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # dies in step 6, after the checkpoint of step 4
+            raise _Killed
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", dying_step)
+    with pytest.raises(_Killed):
+        train(load_config(None, overrides), out_dir=out, progress=False)
+    assert not (out / "metrics.json").exists()
+    cfg = load_config(None, overrides)
+    run = prepare_run(cfg)
+    assert load_checkpoint(out, run.model, make_optimizer(run.model, cfg)) == 4
+
+    monkeypatch.setattr(loop, "train_step", real_step)
+    resumed = train(load_config(None, overrides), out_dir=out, progress=False)
+    assert resumed.metrics["loss"] == reference.metrics["loss"]
+    assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == list(range(1, 7))
+    for (name, pa), (_, pb) in zip(
+        reference.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
