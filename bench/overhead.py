@@ -98,7 +98,9 @@ def main() -> None:
     peak = matmul_peak()
     params = sum(p.numel() for p in routed_model.parameters())
     flops = model_flops_per_token(cfg, params) * B * T
-    print(f"threads={torch.get_num_threads()} batch={B}x{T} experts={args.experts} router={args.router}")
+    print(
+        f"threads={torch.get_num_threads()} batch={B}x{T} experts={args.experts} router={args.router}"
+    )
     print(f"dense_step_s={dense_s:.4f}")
     print(f"routed_step_s={routed_s:.4f}")
     print(f"dense_tokens_per_s={B * T / dense_s:.0f}")

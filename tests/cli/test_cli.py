@@ -101,7 +101,12 @@ def test_user_jsonl_trains(tmp_path, tiny_overrides):
     ]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "run"
-    args = [*tiny_overrides, "data.corpus=jsonl", f"data.path={str(data)!r}", "model.vocab_size=300"]
+    args = [
+        *tiny_overrides,
+        "data.corpus=jsonl",
+        f"data.path={str(data)!r}",
+        "model.vocab_size=300",
+    ]
     args += ["data.retain_domains=['clean']", "data.forget_domains=['bad']"]
     assert main(["train", "--out", str(out), "--quiet", *args]) == 0
     assert json.loads((out / "metrics.json").read_text())["loss"]["retain"]["trained"] > 0

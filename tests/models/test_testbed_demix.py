@@ -23,7 +23,9 @@ def _setup(n_layer):
     cfg = tiny_config(n_layer=n_layer, n_experts=2, n_quarantine_heads=1, shared_expert_width=8)
     model = make_model(cfg, seed=50 + n_layer)
     route = sequence_route(LABELS, cfg.seq_len)
-    tokens = torch.randint(0, cfg.vocab_size, route.shape, generator=torch.Generator().manual_seed(9))
+    tokens = torch.randint(
+        0, cfg.vocab_size, route.shape, generator=torch.Generator().manual_seed(9)
+    )
     return model, route, tokens
 
 

@@ -28,7 +28,9 @@ def test_same_seed_same_init_and_grads():
         assert torch.equal(sa[k], sb[k]), k
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
-    tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, cfg.vocab_size, (3, cfg.seq_len), generator=torch.Generator().manual_seed(0)
+    )
     route = sequence_route([RETAIN, FORGET, UNLABELED], cfg.seq_len)
     ga, gb, gc = _grads(a, tokens, route), _grads(b, tokens, route), _grads(c, tokens, route)
     for k in ga:

@@ -105,7 +105,9 @@ def test_reference_is_sensitive_to_the_routing():
         dict(detach_out=route == FORGET, q_on=route != RETAIN),
     ):
         ref = grads_of(model, token_loss_sum(reference_forward(model, tokens, **kwargs), targets))
-        assert not torch.allclose(plain["blocks.0.attn.qkv.weight"], ref["blocks.0.attn.qkv.weight"])
+        assert not torch.allclose(
+            plain["blocks.0.attn.qkv.weight"], ref["blocks.0.attn.qkv.weight"]
+        )
         for name in quarantine_names(model):
             assert not torch.allclose(plain[name], ref[name]), name
 
@@ -115,8 +117,12 @@ def test_reference_forward_equals_model_unrouted():
     model = make_model(cfg, seed=4)
     tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len))
     with torch.no_grad():
-        assert_close(model(tokens, semantics="none"), reference_forward(model, tokens),
-                     rtol=1e-12, atol=1e-12)
+        assert_close(
+            model(tokens, semantics="none"),
+            reference_forward(model, tokens),
+            rtol=1e-12,
+            atol=1e-12,
+        )
 
 
 # -- gradient routing: explicit properties --------------------------------------------------
@@ -126,8 +132,12 @@ def test_gradient_routing_forward_without_retain_equals_none():
     route = torch.tensor([[FORGET] * 8, [UNLABELED] * 8, [FORGET, UNLABELED] * 4])
     tokens = torch.randint(0, cfg.vocab_size, route.shape)
     with torch.no_grad():
-        assert_close(model(tokens, route, semantics="gradient_routing"),
-                     model(tokens, semantics="none"), rtol=0, atol=0)
+        assert_close(
+            model(tokens, route, semantics="gradient_routing"),
+            model(tokens, semantics="none"),
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_gradient_routing_forget_only_batch():

@@ -29,7 +29,9 @@ def test_sgtm_forward_matches_none_and_ablated(overrides):
     model = make_model(cfg, seed=3)
     labels = [RETAIN, FORGET, UNLABELED, RETAIN, UNLABELED, FORGET]
     route = sequence_route(labels, cfg.seq_len)
-    tokens = torch.randint(0, cfg.vocab_size, route.shape, generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, cfg.vocab_size, route.shape, generator=torch.Generator().manual_seed(1)
+    )
 
     with torch.no_grad():
         routed = model(tokens, route, semantics="sgtm")

@@ -93,7 +93,9 @@ def block_shared_names(model) -> set[str]:
 
 def token_loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
     """Sum of token cross-entropies in the logits' own dtype (float64 stays float64)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
 
 
 def grads_of(model, loss: Tensor) -> dict[str, Tensor]:
@@ -183,12 +185,20 @@ def reference_forward(
         bank = blk.mlp
         h = _norm(x, blk.norm2.weight, norm_keep)
         core = bank.core
-        s = _linear(act(_linear(h, core.up.weight, core.up.bias, shared_keep)),
-                    core.down.weight, core.down.bias, shared_keep)
+        s = _linear(
+            act(_linear(h, core.up.weight, core.up.bias, shared_keep)),
+            core.down.weight,
+            core.down.bias,
+            shared_keep,
+        )
         if bank.shared_expert is not None:
             se = bank.shared_expert
-            s = s + _linear(act(_linear(h, se.up.weight, se.up.bias, shared_keep)),
-                            se.down.weight, se.down.bias, shared_keep)
+            s = s + _linear(
+                act(_linear(h, se.up.weight, se.up.bias, shared_keep)),
+                se.down.weight,
+                se.down.bias,
+                shared_keep,
+            )
         if detach_out is not None:
             s = torch.where(detach_out.unsqueeze(-1), s.detach(), s)
         ex = bank.experts

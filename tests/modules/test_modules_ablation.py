@@ -16,8 +16,18 @@ RETAIN = 0
 
 
 def _model(seed=0, **overrides):
-    cfg = dict(vocab_size=64, seq_len=8, d_model=16, n_layer=2, n_head=2, mlp_width=32,
-               quarantine_width=8, n_experts=4, n_quarantine_heads=4, shared_expert_width=8)
+    cfg = dict(
+        vocab_size=64,
+        seq_len=8,
+        d_model=16,
+        n_layer=2,
+        n_head=2,
+        mlp_width=32,
+        quarantine_width=8,
+        n_experts=4,
+        n_quarantine_heads=4,
+        shared_expert_width=8,
+    )
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = tb.Testbed(tb.TestbedConfig(**cfg)).double()
@@ -134,8 +144,9 @@ def test_head_ownership(n_experts, n_heads, ablate_experts, expected_heads):
     before = copy.deepcopy(model)
     ablate(model, experts=ablate_experts)
     for h in range(n_heads):
-        for new, old in zip(_heads(model.blocks[0].attn, h), _heads(before.blocks[0].attn, h),
-                            strict=True):
+        for new, old in zip(
+            _heads(model.blocks[0].attn, h), _heads(before.blocks[0].attn, h), strict=True
+        ):
             if h in expected_heads:
                 assert bool((new == 0).all())
             else:
@@ -157,14 +168,20 @@ def test_reinit_keeps_std_and_changes_values():
     before = copy.deepcopy(model)
     ablate(model, experts=[1], mode="reinit", seed=3)
     for blk, old in zip(model.blocks, before.blocks, strict=True):
-        for new, prev in zip(_expert_parts(blk.mlp.experts, 1) + _heads(blk.attn, 1),
-                             _expert_parts(old.mlp.experts, 1) + _heads(old.attn, 1), strict=True):
+        for new, prev in zip(
+            _expert_parts(blk.mlp.experts, 1) + _heads(blk.attn, 1),
+            _expert_parts(old.mlp.experts, 1) + _heads(old.attn, 1),
+            strict=True,
+        ):
             assert not torch.allclose(new, prev)
             if new.numel() >= 256:  # enough samples for a 20% std check
                 ratio = float(new.detach().std()) / float(prev.detach().std())
                 assert 0.8 < ratio < 1.2, ratio
-        for new, prev in zip(_expert_parts(blk.mlp.experts, 0) + _heads(blk.attn, 0),
-                             _expert_parts(old.mlp.experts, 0) + _heads(old.attn, 0), strict=True):
+        for new, prev in zip(
+            _expert_parts(blk.mlp.experts, 0) + _heads(blk.attn, 0),
+            _expert_parts(old.mlp.experts, 0) + _heads(old.attn, 0),
+            strict=True,
+        ):
             assert torch.equal(new, prev)
     same, other = copy.deepcopy(before), copy.deepcopy(before)
     ablate(same, experts=[1], mode="reinit", seed=3)

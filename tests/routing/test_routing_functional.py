@@ -114,7 +114,12 @@ def test_routed_linear_token_mask_both_branches(d_in, d_out):
     """``out_keep [N, 1]`` masks the narrower side internally; both sides must agree."""
     gen = torch.Generator().manual_seed(d_in * 100 + d_out)
     n = 6
-    x, w, b, cot = _rand(gen, n, d_in), _rand(gen, d_out, d_in), _rand(gen, d_out), _rand(gen, n, d_out)
+    x, w, b, cot = (
+        _rand(gen, n, d_in),
+        _rand(gen, d_out, d_in),
+        _rand(gen, d_out),
+        _rand(gen, n, d_out),
+    )
     keep = torch.tensor([[1.0], [0.0], [1.0], [0.0], [0.0], [1.0]], dtype=F64)
     gx, gw, gb = fast_linear_grads(x, w, b, cot, keep, None, lead=(2, 3))
     kept = keep[:, 0].bool()

@@ -19,8 +19,18 @@ EMBEDDINGS = {"wte.weight", "wpe.weight"}
 
 
 def _setup(**overrides):
-    cfg = dict(vocab_size=64, seq_len=8, d_model=16, n_layer=2, n_head=2, mlp_width=32,
-               quarantine_width=8, n_experts=2, n_quarantine_heads=1, shared_expert_width=8)
+    cfg = dict(
+        vocab_size=64,
+        seq_len=8,
+        d_model=16,
+        n_layer=2,
+        n_head=2,
+        mlp_width=32,
+        quarantine_width=8,
+        n_experts=2,
+        n_quarantine_heads=1,
+        shared_expert_width=8,
+    )
     cfg.update(overrides)
     torch.manual_seed(0)
     model = tb.Testbed(tb.TestbedConfig(**cfg))
@@ -85,7 +95,10 @@ def test_parameter_groups_partition():
     q = set(quarantine_parameters(model))
     assert _names(model, groups.quarantine) == q
     assert _names(model, groups.open_shared) == EMBEDDINGS
-    assert _names(model, groups.routed_shared) == {n for n, _ in model.named_parameters()} - q - EMBEDDINGS
+    assert (
+        _names(model, groups.routed_shared)
+        == {n for n, _ in model.named_parameters()} - q - EMBEDDINGS
+    )
     assert len(groups.shared) + len(groups.quarantine) == len(list(model.parameters()))
 
 
@@ -155,7 +168,9 @@ def test_ledger_unrouted_and_reset():
 def test_clip_by_group_does_not_scale_shared_by_quarantine():
     shared = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
     quarantine = [torch.nn.Parameter(torch.zeros(4))]
-    groups = ParameterGroups(routed_shared=shared[:1], open_shared=shared[1:], quarantine=quarantine)
+    groups = ParameterGroups(
+        routed_shared=shared[:1], open_shared=shared[1:], quarantine=quarantine
+    )
 
     def set_grads():
         shared[0].grad = torch.tensor([0.3, 0.0, 0.4])

@@ -38,7 +38,10 @@ def evaluate_losses(
     """
     was_training = model.training
     model.eval()
-    out = {cat: {"trained": mean_token_loss(model, s.tokens, batch_size)} for cat, s in eval_sets.items()}
+    out = {
+        cat: {"trained": mean_token_loss(model, s.tokens, batch_size)}
+        for cat, s in eval_sets.items()
+    }
     with ablated(model, experts=experts):
         for cat, s in eval_sets.items():
             out[cat]["ablated"] = mean_token_loss(model, s.tokens, batch_size)

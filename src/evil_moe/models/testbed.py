@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from evil_moe.modules.experts import (
     ACTIVATIONS,
     MLP,
+    GateConfig,
     QuarantineBank,
     QuarantineModule,
     default_out_std,
@@ -52,6 +53,8 @@ class TestbedConfig:
     activation: str = "gelu"
     #: which quarantine expert takes each routed token's gradient (decided in backward)
     router: RouterConfig = field(default_factory=RouterConfig)
+    #: optional learned soft gate over the experts in the forward pass, with its losses
+    gate: GateConfig = field(default_factory=GateConfig)
     route_embeddings: bool = True
     route_norms: bool = True
     init_std: float = 0.02
@@ -188,6 +191,7 @@ class Block(nn.Module):
             shared_expert_width=cfg.shared_expert_width,
             activation=cfg.activation,
             router=cfg.router.build(cfg.n_experts, cfg.d_model, seed=layer),
+            gate=cfg.gate,
             init_std=cfg.init_std,
             out_init_std=out_std,
         )
@@ -219,7 +223,7 @@ class Testbed(nn.Module):
     ) -> Tensor:
         """Logits ``[B, T, vocab]`` for ``tokens`` ``[B, T]``, routed by ``route`` ``[B, T]``."""
         B, T = tokens.shape
-        if T > self.cfg.seq_len:
+        if self.cfg.seq_len < T:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cfg.seq_len}")
         if route is not None and route.shape != tokens.shape:
             raise ValueError(f"route shape {tuple(route.shape)} != tokens {tuple(tokens.shape)}")
@@ -232,6 +236,15 @@ class Testbed(nn.Module):
         x = self.norm_f(x, plan)
         return routed_linear(x, self.wte.weight, None, emb_keep)
 
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Auxiliary router losses of the last forward pass, summed over blocks."""
+        out: dict[str, Tensor] = {}
+        for block in self.blocks:
+            gate = block.mlp.gate
+            for name, value in gate.aux.items() if gate is not None else ():
+                out[name] = out[name] + value if name in out else value
+        return out
+
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts: shared (deployed) and quarantine (ablated)."""
         from evil_moe.modules.ablation import quarantine_parameters
@@ -243,7 +256,9 @@ class Testbed(nn.Module):
 
 def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy; ``targets`` are the tokens shifted by one."""
-    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    flat = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
+    )
     if reduction == "none":
         return flat.view(targets.shape)
     return flat.mean() if reduction == "mean" else flat.sum()

@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evil_moe.routing.functional import DeferredKeep, mask_cotangent, routed_linear
-from evil_moe.routing.labels import RoutingPlan
+from evil_moe.routing.functional import (
+    DeferredKeep,
+    compute_dtype,
+    mask_cotangent,
+    routed_linear,
+)
+from evil_moe.routing.labels import RouteLabel, RoutingPlan
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -95,44 +101,67 @@ class _RoutedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, up, up_bias, down, residual, on, meta):  # type: ignore[override]
-        pre = F.linear(x, up, up_bias)
-        h = meta["act"](pre)
-        y = F.linear(h, down)
-        ctx.save_for_backward(x, up, up_bias, down, pre, on, y.norm(dim=1))
+    def forward(ctx, x, up, up_bias, down, residual, on, gate, meta):  # type: ignore[override]
+        ctx.dtypes = (x.dtype, up.dtype)
+        dtype = compute_dtype(x)
+        if dtype is not None:
+            x, up, down = x.to(dtype), up.to(dtype), down.to(dtype)
+            up_bias = up_bias.to(dtype) if up_bias is not None else None
+            gate = gate.to(dtype) if gate is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            pre = F.linear(x, up, up_bias)
+            h = _gated(meta["act"](pre), gate)
+            y = F.linear(h, down)
+        ctx.save_for_backward(x, up, up_bias, down, pre, on, gate, y.norm(dim=1))
         ctx.meta = meta
         ctx.has_residual = residual is not None
         if on is not None:
-            y = y * on
-        return y if residual is None else residual + y
+            y = y * on.to(y.dtype)
+        return y if residual is None else residual + y.to(residual.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, up, up_bias, down, pre, on, out_norm = ctx.saved_tensors
+        x, up, up_bias, down, pre, on, gate, out_norm = ctx.saved_tensors
         meta = ctx.meta
         k = meta["n_experts"]
-        g = grad if on is None else grad * on
+        g = grad.to(x.dtype)
+        if on is not None:
+            g = g * on.to(g.dtype)
         with torch.enable_grad():
             pre_ = pre.detach().requires_grad_(True)
             h_ = meta["act"](pre_)
         h = h_.detach()
-        dh = g @ down
+        hg = _gated(h, gate)
+        dhg = g @ down
         n, width = h.shape
-        contrib = (dh * h).view(n, k, width // k).sum(dim=2)
+        contrib = (dhg * hg).view(n, k, width // k).sum(dim=2)
         keep, amplified = meta["router"].decide(contrib, g, out_norm, meta["routed"], meta["mode"])
         if amplified is not None and meta["shared_keep"] is not None:
-            meta["shared_keep"].value = meta["shared_keep"].value * (~amplified).to(g.dtype)[:, None]
-        (dpre,) = torch.autograd.grad(h_, pre_, dh)
-        grad_x = dpre @ up
+            meta["shared_keep"].value = (
+                meta["shared_keep"].value * (~amplified).to(g.dtype)[:, None]
+            )
+        grad_gate = None
+        if gate is not None:
+            grad_gate = (dhg * h).view(n, k, -1).sum(dim=2).to(gate.dtype)
+        (dpre,) = torch.autograd.grad(h_, pre_, _gated(dhg, gate))
+        grad_x = (dpre @ up).to(ctx.dtypes[0])
         if keep is not None:
             mask = keep.to(h.dtype)[:, :, None]
-            h = (h.view(n, k, -1) * mask).view(n, width)
+            hg = (hg.view(n, k, -1) * mask).view(n, width)
             dpre = (dpre.view(n, k, -1) * mask).view(n, width)
-        grad_down = g.t() @ h
-        grad_up = dpre.t() @ x
-        grad_bias = dpre.sum(0) if up_bias is not None else None
+        grad_down = (g.t() @ hg).to(ctx.dtypes[1])
+        grad_up = (dpre.t() @ x).to(ctx.dtypes[1])
+        grad_bias = dpre.sum(0).to(ctx.dtypes[1]) if up_bias is not None else None
         grad_res = grad if ctx.has_residual else None
-        return grad_x, grad_up, grad_bias, grad_down, grad_res, None, None
+        return grad_x, grad_up, grad_bias, grad_down, grad_res, None, grad_gate, None
+
+
+def _gated(h: Tensor, gate: Tensor | None) -> Tensor:
+    """Scale each expert's hidden units ``h`` ``[N, K*w]`` by its gate ``[N, K]``."""
+    if gate is None:
+        return h
+    n, k = gate.shape
+    return (h.view(n, k, -1) * gate[:, :, None]).view(n, -1)
 
 
 class FusedExperts(QuarantineModule):
@@ -179,15 +208,23 @@ class FusedExperts(QuarantineModule):
         router: nn.Module | None = None,
         residual: Tensor | None = None,
         shared_keep: DeferredKeep | None = None,
+        gate: Tensor | None = None,
     ) -> Tensor:
-        """``residual + quarantine_on * sum_k expert_k(x)``; ``router`` decides gradients."""
+        """``residual + quarantine_on * sum_k gate_k * expert_k(x)``.
+
+        ``router`` decides which experts take each routed token's gradient; ``gate``
+        ``[..., K]`` (a learned soft router's weights, optional) scales expert outputs.
+        """
         on = plan.quarantine_on
+        lead = x.shape[:-1]
         if router is None or (plan.routed is None and router.amplify_threshold is None):
-            y = F.linear(self.act(F.linear(x, self.up, self.up_bias)), self.down)
+            h = self.act(F.linear(x, self.up, self.up_bias))
+            if gate is not None:
+                h = (h.unflatten(-1, (self.n_experts, -1)) * gate.unsqueeze(-1)).flatten(-2)
+            y = F.linear(h, self.down)
             if on is not None:
                 y = y * _rows(on, y)
             return y if residual is None else residual + y
-        lead = x.shape[:-1]
         n = x[..., 0].numel()
         routed = plan.routed if plan.routed is not None else torch.zeros(n, dtype=torch.bool)
         meta = {
@@ -199,9 +236,10 @@ class FusedExperts(QuarantineModule):
             "shared_keep": shared_keep,
         }
         flat_res = None if residual is None else residual.reshape(n, -1)
+        flat_gate = None if gate is None else gate.reshape(n, -1)
         on_flat = None if on is None else on.to(x.dtype)
         y = _RoutedExperts.apply(
-            x.reshape(n, -1), self.up, self.up_bias, self.down, flat_res, on_flat, meta
+            x.reshape(n, -1), self.up, self.up_bias, self.down, flat_res, on_flat, flat_gate, meta
         )
         return y.reshape(*lead, -1)
 
@@ -228,6 +266,98 @@ class FusedExperts(QuarantineModule):
                     reinit_like_(part, generator)
 
 
+@dataclass
+class GateConfig:
+    """A learned soft router in the forward pass (the user's current approach).
+
+    Logits ``z = x W^T`` over ``[deployed, q0 .. q{K-1}]``; ``p = softmax(z)``; expert
+    ``k``'s output is scaled by ``(K + 1) * p[k + 1]`` (1 at a uniform gate). Every expert
+    stays present for every token: there is no hard dispatch. Loss weights of 0 are off.
+    """
+
+    enabled: bool = False
+    #: pin loss: labelled forget tokens toward the quarantine, retain toward deployed
+    pin_weight: float = 0.1
+    #: router z-loss (ST-MoE): mean logsumexp(z)^2
+    z_loss_weight: float = 0.0
+    #: Switch load-balancing loss over the K quarantine experts only
+    balance_weight: float = 0.0
+    #: Switch-style balance between deployed and quarantine over all tokens (fights absorption?)
+    global_balance_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        weights = ("pin_weight", "z_loss_weight", "balance_weight", "global_balance_weight")
+        bad = [w for w in weights if getattr(self, w) < 0]
+        if bad:
+            raise ValueError(f"invalid gate config value for {', '.join(bad)} (must be >= 0)")
+
+
+def switch_balance_loss(probs: Tensor) -> Tensor:
+    """Switch Transformer load-balancing loss ``E * sum_e f_e * P_e`` over ``probs [n, E]``.
+
+    ``f_e`` is the share of tokens whose top choice is ``e`` and ``P_e`` the mean
+    probability of ``e``; 1 at perfect balance, ``E`` at total collapse.
+    """
+    n, e = probs.shape
+    if n == 0:
+        return probs.sum() * 0
+    f = torch.zeros(e, dtype=probs.dtype, device=probs.device)
+    f.index_add_(0, probs.argmax(dim=1), torch.ones(n, dtype=probs.dtype, device=probs.device))
+    return e * (f / n * probs.mean(dim=0)).sum()
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+class SoftGate(QuarantineModule):
+    """The learned forward gate of a bank; its weights are quarantine parameters."""
+
+    def __init__(self, d_model: int, n_experts: int, cfg: GateConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts = n_experts
+        self.weight = nn.Parameter(torch.zeros(n_experts + 1, d_model))
+        self.aux: dict[str, Tensor] = {}
+        self.logit_scale: float = 0.0
+
+    def forward(self, x: Tensor, plan: RoutingPlan) -> Tensor:
+        """Expert scales ``[..., K]``; stores this pass's auxiliary losses in ``self.aux``."""
+        logits = F.linear(x, self.weight).reshape(-1, self.n_experts + 1).float()
+        probs = torch.softmax(logits, dim=-1)
+        c, aux = self.cfg, {}
+        self.logit_scale = float(logits.detach().std())
+        route = plan.route
+        if c.pin_weight and route is not None:
+            quarantine_mass = probs[:, 1:].sum(dim=1).clamp(1e-6, 1 - 1e-6)
+            forget, retain = route == RouteLabel.FORGET, route == RouteLabel.RETAIN
+            pin = (
+                -(quarantine_mass.log() * forget).sum()
+                - ((1 - quarantine_mass).log() * retain).sum()
+            )
+            aux["pin"] = c.pin_weight * pin / max(1, int((forget | retain).sum()))
+        if c.z_loss_weight:
+            aux["z_loss"] = c.z_loss_weight * z_loss(logits)
+        if c.balance_weight:
+            users = probs if route is None else probs[route != RouteLabel.RETAIN]
+            inner = users[:, 1:] / users[:, 1:].sum(dim=1, keepdim=True)
+            aux["balance"] = c.balance_weight * switch_balance_loss(inner)
+        if c.global_balance_weight:
+            groups = torch.stack([probs[:, 0], probs[:, 1:].sum(dim=1)], dim=1)
+            aux["global_balance"] = c.global_balance_weight * switch_balance_loss(groups)
+        self.aux = aux
+        scales = (self.n_experts + 1) * probs[:, 1:]
+        return scales.to(x.dtype).reshape(*x.shape[:-1], self.n_experts)
+
+    def quarantine_parameters(self) -> dict[str, nn.Parameter]:
+        return {"weight": self.weight}
+
+    @torch.no_grad()
+    def ablate_(self, experts: list[int], mode: str, generator: torch.Generator | None) -> None:
+        """The gate only scales experts; zeroing the experts is the ablation."""
+
+
 class QuarantineBank(nn.Module):
     """Core path + optional shared always-on expert + K quarantine MLP experts.
 
@@ -249,9 +379,13 @@ class QuarantineBank(nn.Module):
         router: nn.Module | None = None,
         init_std: float = 0.02,
         out_init_std: float | None = None,
+        gate: GateConfig | None = None,
     ):
         super().__init__()
         self.core = core
+        self.gate = (
+            SoftGate(d_model, n_experts, gate) if gate is not None and gate.enabled else None
+        )
         self.experts = FusedExperts(
             d_model,
             d_model,
@@ -277,7 +411,9 @@ class QuarantineBank(nn.Module):
     def n_experts(self) -> int:
         return self.experts.n_experts
 
-    def shared_forward(self, x: Tensor, plan: RoutingPlan, keep: Tensor | DeferredKeep | None) -> Tensor | None:
+    def shared_forward(
+        self, x: Tensor, plan: RoutingPlan, keep: Tensor | DeferredKeep | None
+    ) -> Tensor | None:
         """The deployed part: core path plus shared expert (``None`` if there is neither)."""
         out = None
         if self.core is not None:
@@ -305,6 +441,7 @@ class QuarantineBank(nn.Module):
             self.router,
             residual=shared,
             shared_keep=keep if isinstance(keep, DeferredKeep) else None,
+            gate=self.gate(x, plan) if self.gate is not None else None,
         )
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype | None:
+def compute_dtype(x: Tensor) -> torch.dtype | None:
     """The autocast dtype active for ``x``'s device, if any."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -50,7 +50,7 @@ class _RoutedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, out_keep, in_keep, deferred):  # type: ignore[override]
         ctx.deferred = deferred
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         if dtype is not None:
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
@@ -83,7 +83,11 @@ class _RoutedLinear(torch.autograd.Function):
                 grad_w = g.t() @ xi
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 # A bias sees the output mask only; in_keep cannot apply to it.
-                gb = grad if out_keep is None else grad * _expand(out_keep.to(grad.dtype), grad.shape[1])
+                gb = (
+                    grad
+                    if out_keep is None
+                    else grad * _expand(out_keep.to(grad.dtype), grad.shape[1])
+                )
                 grad_b = gb.sum(0).to(ctx.dtypes[2])
         if grad_x is not None:
             grad_x = grad_x.to(ctx.dtypes[0])

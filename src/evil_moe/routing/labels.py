@@ -59,6 +59,8 @@ class RoutingPlan:
     routed: Tensor | None = None
     #: long [N]: forget mode per token (-1 none), for specialisation statistics.
     mode: Tensor | None = None
+    #: long [N]: the route labels themselves (for losses such as a gate's pin loss).
+    route: Tensor | None = None
 
     @property
     def n_tokens(self) -> int | None:
@@ -94,7 +96,7 @@ def make_plan(
     def keep(mask: Tensor, present: bool) -> Tensor | None:
         return (~mask).to(dtype).unsqueeze(1) if present else None
 
-    plan = RoutingPlan(semantics=semantics, routed=forget if any_forget else None)
+    plan = RoutingPlan(semantics=semantics, routed=forget if any_forget else None, route=flat)
     if mode is not None:
         plan.mode = mode.reshape(-1)
     if semantics == "sgtm":

@@ -99,6 +99,8 @@ class TrainConfig:
 class RunConfig:
     """Everything one ``evil-moe train`` run needs."""
 
+    #: a named variant (``evil_moe.train.variants``) applied before other settings
+    variant: str = ""
     model: TestbedConfig = field(default_factory=TestbedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -224,10 +226,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             values = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
-    for text in overrides or []:
-        keys, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides or []]
+    variant = values.get("variant", "")
+    for keys, value in parsed:
+        if keys == ["variant"]:
+            variant = value
+    if variant:
+        from evil_moe.train.variants import VARIANTS
+
+        if variant not in VARIANTS:
+            raise ConfigError(f"variant: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+        base: dict[str, Any] = {}
+        for keys, value in (parse_override(t) for t in VARIANTS[variant]):
+            _merge(base, keys, value)
+        values = _deep_update(base, values)
+    for keys, value in parsed:
         _merge(values, keys, value)
     return config_from_dict(values)
+
+
+def _deep_update(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s values laid over it, table by table."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -44,7 +44,9 @@ def write_json(path: str | Path, data: Any) -> None:
     _atomic(Path(path), write)
 
 
-def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def write_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
     """Save tensors as safetensors, atomically (shared storage is cloned apart)."""
     plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}

@@ -10,6 +10,7 @@ per-group gradient clipping, AdamW step. Evaluation lives in :mod:`evil_moe.eval
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from evil_moe.data.batching import BatchIterator
 from evil_moe.eval.losses import evaluate_losses
+from evil_moe.eval.specialization import gate_statistics, specialization_report
 from evil_moe.models.testbed import Testbed, lm_loss
 from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group, parameter_groups
 from evil_moe.train.config import RunConfig
@@ -51,6 +53,22 @@ class RunResult:
     metrics: dict[str, Any]
     model: Testbed
     log: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SpikeCounter:
+    """Counts loss spikes: steps whose loss exceeds 1.25 x an EMA of earlier steps."""
+
+    def __init__(self, warmup: int, decay: float = 0.95, ratio: float = 1.25):
+        self.warmup, self.decay, self.ratio = warmup, decay, ratio
+        self.ema: float | None = None
+        self.steps = 0
+        self.count = 0
+
+    def update(self, loss: float) -> None:
+        self.steps += 1
+        if self.ema is not None and self.steps > self.warmup and loss > self.ratio * self.ema:
+            self.count += 1
+        self.ema = loss if self.ema is None else self.decay * self.ema + (1 - self.decay) * loss
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -103,7 +121,9 @@ def train_step(
     route = batch["route"]
     logits = model(tokens[:, :-1], route=route, mode=batch.get("mode"), semantics=semantics)
     loss = lm_loss(logits, tokens[:, 1:])
-    loss.backward()
+    aux = model.aux_losses()
+    total = loss + sum(aux.values()) if aux else loss
+    total.backward()
     ledger.record(route if semantics != "none" else None)
     return float(loss.detach())
 
@@ -153,6 +173,7 @@ def train(
     tokens_seen = 0
     train_seconds = 0.0
     recent: list[float] = []
+    spikes = SpikeCounter(warmup=t.warmup_steps)
     for step in range(start, t.steps):
         began = time.perf_counter()
         batch = next(batches)
@@ -166,6 +187,7 @@ def train(
         train_seconds += time.perf_counter() - began
         tokens_seen += batch["route"].numel()
         recent.append(loss)
+        spikes.update(loss)
         bar.update(1)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
             record = {
@@ -184,16 +206,25 @@ def train(
             save_checkpoint(out, step + 1, model, optimizer)
     bar.close()
 
+    stability = {"loss_spikes": spikes.count, **(gate_statistics(model) or {})}
     model.eval()
     losses = evaluate_losses(model, run.eval, batch_size=t.batch_size)
+    special = specialization_report(
+        model, run.eval, model.cfg.n_experts, run.mode_names, batch_size=t.batch_size
+    )
+    for warning in special["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     metrics: dict[str, Any] = {
         "method": t.method,
+        "variant": cfg.variant,
         "loss": losses,
         "tokens_per_second": tokens_seen / train_seconds if train_seconds > 0 else None,
         "train_tokens": run.token_counts,
         "parameters": model.num_parameters(),
         "steps": t.steps,
         "final_train_loss": log[-1]["loss"] if log else None,
+        "specialization": special,
+        "stability": stability,
     }
     if out is not None:
         write_tensors(out / "model.safetensors", model.state_dict(), {"method": t.method})

@@ -12,7 +12,13 @@ import torch
 from tokenizers import Tokenizer
 
 from evil_moe.data.batching import PreparedData, TokenSequences, prepare_documents
-from evil_moe.data.corpus import DataError, Document, embedded_bilingual, load_hf_dataset, load_jsonl
+from evil_moe.data.corpus import (
+    DataError,
+    Document,
+    embedded_bilingual,
+    load_hf_dataset,
+    load_jsonl,
+)
 from evil_moe.data.monitor import Monitor
 from evil_moe.data.tokenizer import default_tokenizer, train_tokenizer
 from evil_moe.models.testbed import Testbed
@@ -33,6 +39,8 @@ class PreparedRun:
     token_counts: dict[str, int]
     tokenizer: Tokenizer
     data: PreparedData
+    #: display names of forget modes (for specialisation tables)
+    mode_names: dict[int, str]
 
 
 def resolve_domains(cfg: RunConfig) -> tuple[list[str], list[str]]:
@@ -117,11 +125,24 @@ def prepare_run(cfg: RunConfig, data: PreparedData | None = None) -> PreparedRun
     if len(train) == 0:
         raise DataError("no training sequences: the data is too small for model.seq_len")
     cap = cfg.data.eval_sequences
-    evals = {c: (s.subset(torch.arange(min(cap, len(s)))) if cap else s) for c, s in data.eval.items()}
+    evals = {
+        c: (s.subset(torch.arange(min(cap, len(s)))) if cap else s) for c, s in data.eval.items()
+    }
     counts = dict(data.train_token_counts)
     if cfg.train.method == "filter":
-        counts = {k: v for k, v in counts.items() if k not in ("forget_labeled", "retain_false_positive")}
+        counts = {
+            k: v for k, v in counts.items() if k not in ("forget_labeled", "retain_false_positive")
+        }
     model_cfg = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
     torch.manual_seed(cfg.train.seed)
     model = Testbed(model_cfg)
-    return PreparedRun(model, train, evals, counts, data.tokenizer, data)
+    return PreparedRun(model, train, evals, counts, data.tokenizer, data, mode_names(cfg))
+
+
+def mode_names(cfg: RunConfig) -> dict[int, str]:
+    """Names of the corpus's forget modes (the hack corpus names its hacks)."""
+    if cfg.data.corpus == "hacks":
+        from evil_moe.data.hacks import HACK_MODES
+
+        return dict(HACK_MODES)
+    return {}
