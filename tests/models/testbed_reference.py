@@ -103,7 +103,7 @@ def grads_of(model, loss: Tensor) -> dict[str, Tensor]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     got = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
     out = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for (n, p), g in zip(named, got, strict=True):
+    for (n, _), g in zip(named, got, strict=True):
         if g is not None:
             out[n] = g.detach().clone()
     return out

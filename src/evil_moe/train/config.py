@@ -55,6 +55,9 @@ class DataConfig:
     max_docs: int = 0
     #: cap on held-out sequences evaluated per category (0 = all)
     eval_sequences: int = 64
+    #: keep only this many forget-domain training tokens (-1 = all); the leakage baseline
+    #: curve trains standard models on all retain data plus n forget tokens
+    forget_token_budget: int = -1
 
 
 @dataclass
@@ -276,6 +279,7 @@ def validate(cfg: RunConfig) -> None:
     _check(d.hack_samples >= 10, "data.hack_samples", "must be >= 10")
     _check(d.max_docs >= 0, "data.max_docs", "must be >= 0")
     _check(d.eval_sequences >= 0, "data.eval_sequences", "must be >= 0")
+    _check(d.forget_token_budget >= -1, "data.forget_token_budget", "must be >= -1 (-1 = all)")
     both = set(d.forget_domains) & set(d.retain_domains)
     _check(not both, "data.forget_domains", f"domains {sorted(both)} are also retain domains")
     for name in ("recall", "false_positive_rate", "retain_labeled_share"):

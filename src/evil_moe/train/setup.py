@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
-from evil_moe.data.batching import PreparedData, TokenSequences, prepare_documents
+from evil_moe.data.batching import PreparedData, TokenSequences, prepare_documents, token_counts
 from evil_moe.data.corpus import (
     DataError,
     Document,
@@ -119,6 +119,8 @@ def prepare_run(cfg: RunConfig, data: PreparedData | None = None) -> PreparedRun
     """Data (unless given) and a freshly initialised model, seeded by ``train.seed``."""
     data = data if data is not None else prepare_data(cfg)
     train = data.train
+    if cfg.data.forget_token_budget >= 0:
+        train = keep_forget_tokens(train, cfg.data.forget_token_budget)
     if cfg.train.method == "filter":
         keep = (train.route != RouteLabel.FORGET).all(dim=1).nonzero().squeeze(1)
         train = train.subset(keep)
@@ -128,7 +130,7 @@ def prepare_run(cfg: RunConfig, data: PreparedData | None = None) -> PreparedRun
     evals = {
         c: (s.subset(torch.arange(min(cap, len(s)))) if cap else s) for c, s in data.eval.items()
     }
-    counts = dict(data.train_token_counts)
+    counts = token_counts(train)
     if cfg.train.method == "filter":
         counts = {
             k: v for k, v in counts.items() if k not in ("forget_labeled", "retain_false_positive")
@@ -137,6 +139,18 @@ def prepare_run(cfg: RunConfig, data: PreparedData | None = None) -> PreparedRun
     torch.manual_seed(cfg.train.seed)
     model = Testbed(model_cfg)
     return PreparedRun(model, train, evals, counts, data.tokenizer, data, mode_names(cfg))
+
+
+def keep_forget_tokens(seqs: TokenSequences, budget: int) -> TokenSequences:
+    """All non-forget-domain sequences plus the first ``budget`` forget-domain tokens.
+
+    Sequences are already in a seeded random order, so a prefix is a random sample.
+    """
+    forget = torch.tensor([c.startswith("forget") for c in seqs.category], dtype=torch.bool)
+    n_forget = budget // seqs.seq_len
+    keep_forget = forget.nonzero().squeeze(1)[:n_forget]
+    keep = torch.cat([(~forget).nonzero().squeeze(1), keep_forget]).sort().values
+    return seqs.subset(keep)
 
 
 def mode_names(cfg: RunConfig) -> dict[int, str]:
