@@ -183,6 +183,8 @@ def reference_forward(
         x = x + y
 
         bank = blk.mlp
+        # the reference covers the default bank: no backward router, no forward soft gate
+        assert bank.router is None and getattr(bank, "gate", None) is None
         h = _norm(x, blk.norm2.weight, norm_keep)
         core = bank.core
         s = _linear(

@@ -93,7 +93,9 @@ def routing_statistics(
     collapsed = [
         i
         for i, layer in enumerate(layers)
-        if found[0].n_experts > 1 and (layer["max_share"] > COLLAPSE_SHARE or layer["dead_experts"])
+        if found[0].n_experts > 1
+        and sum(layer["load"]) > 0
+        and (layer["max_share"] > COLLAPSE_SHARE or layer["dead_experts"])
     ]
     return {
         "policy": found[0].policy,

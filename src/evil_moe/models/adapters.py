@@ -283,16 +283,15 @@ class QuarantineLayer(_Wrapper):
             raise TypeError(
                 f"{self.layer_name}: base layer returned {type(out).__name__}, not a tensor"
             )
+        dtype = self.experts.up.dtype  # the shared expert has the same dtype
+        xq = x.to(dtype) if _needs_cast(x, self.experts.up) else x
         if self.shared is not None:
-            xs = x.to(self.shared.up.dtype) if _needs_cast(x, self.shared.up) else x
-            out = out + self.shared(xs, keep).to(out.dtype)
+            out = out + self.shared(xq, keep).to(out.dtype)
         out = mask_cotangent(out, plan.shared_cotangent)
         if state.scale == 0.0:
             return out
         on = state.quarantine_on(plan, x)
         qplan = plan if on is plan.quarantine_on else dataclasses.replace(plan, quarantine_on=on)
-        dtype = self.experts.up.dtype
-        xq = x.to(dtype) if _needs_cast(x, self.experts.up) else x
         residual = out.to(dtype) if _needs_cast(out, self.experts.up) else out
         shared_keep = keep if isinstance(keep, DeferredKeep) else None
         y = self.experts(xq, qplan, router, residual=residual, shared_keep=shared_keep)

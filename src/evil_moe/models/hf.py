@@ -476,10 +476,19 @@ def _route_base(
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Make every base parameter a routed shared parameter (``train_base=True``)."""
     hooks = []
-    inside_lora = [n for n, m in model.named_modules() if isinstance(m, QuarantineLinear)]
+    # Skip the adapters themselves, and a LoRA wrapper's base layer (routed by the wrapper).
+    skip = []
+    for wname, wrapper in model.named_modules():
+        if isinstance(wrapper, QuarantineLinear):
+            skip.append(wname + ".")
+        elif isinstance(wrapper, QuarantineLayer):
+            skip += [f"{wname}.{c}" for c, _ in wrapper.named_children() if c != "base_layer"]
     todo = []
     for name, module in model.named_modules():
-        if isinstance(module, _Wrapper) or any(name.startswith(w + ".") for w in inside_lora):
+        if isinstance(module, _Wrapper) or any(
+            name.startswith(p) and (p.endswith(".") or name == p or name.startswith(p + "."))
+            for p in skip
+        ):
             continue
         if not any(True for _ in module.parameters(recurse=False)):
             continue
