@@ -150,19 +150,38 @@ def test_accumulation_forget_then_unlabeled_trains_shared():
     _moved(before, _snapshot(model, opt), _names(model, groups.routed_shared))
 
 
-def test_ledger_unrouted_and_reset():
+def test_ledger_skips_exactly_the_untrained_parameters():
     model, groups, _, _ = _setup()
     ledger = StepLedger(groups)
     ledger.record(None)
-    assert ledger.release_idle() == {"shared": False, "quarantine": False}
-    # after release the ledger is reset: an empty step trains nothing
+    # no gradient at all: everything idle
+    assert ledger.release_idle() == {"shared": True, "quarantine": True}
+    # gradients everywhere: nothing idle, nothing dropped
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    assert ledger.release_idle() == {"shared": True, "quarantine": True}
-    assert all(p.grad is None for p in groups.routed_shared + groups.quarantine)
-    none_ledger = StepLedger(groups, semantics="none")
-    none_ledger.record(torch.full((2, 3), int(RouteLabel.FORGET)))
-    assert none_ledger.release_idle() == {"shared": False, "quarantine": False}
+    assert ledger.release_idle() == {"shared": False, "quarantine": False}
+    assert all(p.grad is not None for p in model.parameters())
+    # an exactly-zero gradient is dropped; a tiny nonzero one is kept
+    first, second = groups.routed_shared[0], groups.routed_shared[1]
+    first.grad = torch.zeros_like(first)
+    second.grad = torch.zeros_like(second)
+    second.grad.view(-1)[0] = 1e-30
+    ledger.release_idle()
+    assert first.grad is None and second.grad is not None
+    assert not ledger.labels_seen, "the ledger resets after each step"
+
+
+def test_ledger_keeps_demix_attention_gradient_on_forget_only_steps():
+    model, groups, _, tokens = _setup()
+    ledger = StepLedger(groups, semantics="demix")
+    route = torch.full_like(tokens, int(RouteLabel.FORGET))
+    tb.lm_loss(model(tokens, route, semantics="demix"), tokens).backward()
+    ledger.record(route)
+    ledger.release_idle()
+    attn = model.blocks[0].attn.qkv.weight
+    core = model.blocks[0].mlp.core.up.weight
+    assert attn.grad is not None and bool(attn.grad.any())  # attention trains on forget
+    assert core.grad is None  # the core MLP never saw forget tokens: no optimizer step
 
 
 def test_clip_by_group_does_not_scale_shared_by_quarantine():

@@ -69,5 +69,5 @@ def test_bad_files(tmp_path):
         load_config(bad)
     exec_like = tmp_path / "exec.toml"
     exec_like.write_text("[train]\nmethod = \"__import__('os').system('true')\"\n")
-    with pytest.raises(ConfigError, match="train.method"):
+    with pytest.raises(ConfigError, match=r"train\.method"):
         load_config(exec_like)  # parsed as a string, never executed

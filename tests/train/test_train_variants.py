@@ -29,7 +29,9 @@ def test_variant_runs(variant, corpus, tiny_overrides):
     rows = spec["ablation"]["rows"]
     assert rows[0] == "retain"
     if corpus == "hacks":
-        assert {"hardcode_outputs", "special_case_tests", "skip_checks", "always_equal"} <= set(rows)
+        assert {"hardcode_outputs", "special_case_tests", "skip_checks", "always_equal"} <= set(
+            rows
+        )
     routed = cfg.model.router.policy != "all"
     assert (spec["routing"] is not None) == routed
     if routed:

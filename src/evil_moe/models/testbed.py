@@ -256,9 +256,10 @@ class Testbed(nn.Module):
 
 def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy; ``targets`` are the tokens shifted by one."""
-    flat = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
-    )
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}")
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    flat = F.cross_entropy(wide.reshape(-1, wide.shape[-1]), targets.reshape(-1), reduction="none")
     if reduction == "none":
         return flat.view(targets.shape)
     return flat.mean() if reduction == "mean" else flat.sum()

@@ -4,11 +4,11 @@ Masking gradients is not enough with stateful optimizers. The SGTM reference tra
 zeroes retain-parameter gradients on forget steps and then calls ``AdamW.step()``, which
 still moves those parameters through momentum and weight decay. Two rules close the leak:
 
-1. **Idle groups are skipped, not zeroed.** If no token of an optimizer step (all
-   micro-batches of a gradient-accumulation step together) may write into a parameter
-   group, the group's gradients are set to ``None`` before ``step()``. PyTorch optimizers
-   skip parameters whose gradient is ``None`` entirely: no momentum update, no weight
-   decay, no step count. :class:`StepLedger` tracks this across micro-batches.
+1. **Idle parameters are skipped, not zeroed.** If no token of an optimizer step (all
+   micro-batches of a gradient-accumulation step together) wrote into a parameter, its
+   gradient is set to ``None`` before ``step()``. PyTorch optimizers skip parameters
+   whose gradient is ``None`` entirely: no momentum update, no weight decay, no step
+   count. :class:`StepLedger` does this.
 2. **Clipping is per group.** A global gradient-norm clip would scale the shared update
    by a factor that depends on the forget tokens' quarantine gradients. We clip shared
    and quarantine parameters separately (:func:`clip_grad_norm_by_group`).
@@ -61,10 +61,17 @@ def parameter_groups(model: nn.Module, unrouted: set[str] | None = None) -> Para
 
 
 class StepLedger:
-    """Records, over the micro-batches of one optimizer step, which groups were trained.
+    """Skips, at each optimizer step, every parameter that no token of the step trained.
 
-    Call :meth:`record` with each micro-batch's route labels (``None`` for an unrouted
-    batch) and :meth:`release_idle` right before ``optimizer.step()``.
+    Masked tokens contribute exact zeros, so a parameter whose gradient, accumulated over
+    all micro-batches of the step, is exactly zero everywhere received no contribution
+    from any token: its gradient is set to ``None`` and the optimizer leaves it, and its
+    state, untouched. This is exact per parameter under every semantics: under SGTM a
+    forget-only step skips every routed shared parameter and a retain-only step the
+    quarantine experts; under DEMix attention still trains on forget tokens; under
+    gradient routing embeddings still do. :meth:`record` keeps a per-step summary of
+    the route labels seen (for logs); call :meth:`release_idle` right before
+    ``optimizer.step()``.
     """
 
     def __init__(self, groups: ParameterGroups, semantics: str = "sgtm"):
@@ -73,33 +80,27 @@ class StepLedger:
         self.reset()
 
     def reset(self) -> None:
-        self.shared_trained = False
-        self.quarantine_trained = False
+        self.labels_seen: set[int] = set()
 
     def record(self, route: Tensor | None) -> None:
-        if route is None or self.semantics == "none":
-            self.shared_trained = self.quarantine_trained = True
-            return
-        forget = route == RouteLabel.FORGET
-        retain = route == RouteLabel.RETAIN
-        if self.semantics == "demix":
-            self.shared_trained |= bool((~forget).any())
-            self.quarantine_trained |= bool(forget.any())
+        if route is None:
+            self.labels_seen.add(int(RouteLabel.UNLABELED))
         else:
-            # gradient_routing also leaves shared weights without forget gradient where
-            # they only feed forget tokens; treating it like SGTM here is the safe side.
-            self.shared_trained |= bool((~forget).any())
-            self.quarantine_trained |= bool((~retain).any())
+            self.labels_seen.update(int(v) for v in torch.unique(route))
 
     def release_idle(self) -> dict[str, bool]:
-        """Drop the gradients of groups no token of this step could train; then reset."""
-        skipped = {"shared": not self.shared_trained, "quarantine": not self.quarantine_trained}
-        if skipped["shared"]:
-            for p in self.groups.routed_shared:
-                p.grad = None
-        if skipped["quarantine"]:
-            for p in self.groups.quarantine:
-                p.grad = None
+        """Drop exactly-zero gradients of routed parameters; returns which groups were idle."""
+        skipped = {}
+        for name, params in (
+            ("shared", self.groups.routed_shared),
+            ("quarantine", self.groups.quarantine),
+        ):
+            idle = True
+            for p in params:
+                if p.grad is not None and not bool(p.grad.any()):
+                    p.grad = None
+                idle &= p.grad is None
+            skipped[name] = idle and bool(params)
         self.reset()
         return skipped
 
