@@ -19,7 +19,7 @@ so the wrapped model computes exactly what the original model did.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ NO_PLAN = RoutingPlan(semantics="none")
 HF_SEMANTICS = ("none", "sgtm", "gradient_routing")
 
 
+@functools.cache
 def conv1d_class() -> type | None:
     """``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layer), if transformers is here."""
     try:
@@ -290,11 +291,17 @@ class QuarantineLayer(_Wrapper):
         out = mask_cotangent(out, plan.shared_cotangent)
         if state.scale == 0.0:
             return out
+        # The per-token quarantine factor goes in as the experts' gate: it then scales the
+        # narrow hidden units instead of the wide output (same values, much less traffic).
         on = state.quarantine_on(plan, x)
-        qplan = plan if on is plan.quarantine_on else dataclasses.replace(plan, quarantine_on=on)
+        gate = None
+        if on is not None:
+            k = self.experts.n_experts
+            gate = on.to(xq.dtype).reshape(*x.shape[:-1], 1).expand(*x.shape[:-1], k)
+            plan = dataclasses.replace(plan, quarantine_on=None)
         residual = out.to(dtype) if _needs_cast(out, self.experts.up) else out
         shared_keep = keep if isinstance(keep, DeferredKeep) else None
-        y = self.experts(xq, qplan, router, residual=residual, shared_keep=shared_keep)
+        y = self.experts(xq, plan, router, residual=residual, shared_keep=shared_keep, gate=gate)
         return y.to(out.dtype)
 
 
@@ -408,7 +415,43 @@ class QuarantineMLP(QuarantineLayer):
         return self.combine(x, *args, **kwargs)
 
 
-def embedding_hook(state: RoutingState, name: str) -> Callable:
+STATE_ATTR = "_evil_moe_state"
+
+
+def state_of(module: nn.Module) -> RoutingState:
+    """The routing state attached to a hooked module (survives ``deepcopy`` and pickling)."""
+    return module.__dict__[STATE_ATTR]
+
+
+class RouteHook:
+    """Base of the hooks :func:`~evil_moe.models.hf.inject` registers (found again by type
+    at unload). Each reads the state attached to its module, never a captured one, so a
+    deep copy of the model routes by its own state."""
+
+    def __init__(self, name: str = ""):
+        self.name = name
+
+
+class RoutePreHook(RouteHook):
+    """Forward pre-hook of the injected model: consumes ``route_labels`` / ``route_modes``
+    keyword arguments and sets the plan of this forward pass (the HF forward never sees them).
+    """
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        labels = kwargs.pop("route_labels", None)
+        modes = kwargs.pop("route_modes", None)
+        ref = kwargs.get("input_ids")
+        if ref is None and args and isinstance(args[0], Tensor):
+            ref = args[0]
+        if ref is None and isinstance(kwargs.get("inputs_embeds"), Tensor):
+            ref = kwargs["inputs_embeds"][..., 0]
+        shape = tuple(ref.shape) if ref is not None else None
+        device = ref.device if ref is not None else None
+        state_of(module).begin_forward(labels, modes, shape, device)
+        return args, kwargs
+
+
+class EmbeddingHook(RouteHook):
     """Forward hook making an embedding's weight gradient skip forget tokens.
 
     Nothing is upstream of a lookup, so masking the cotangent of its output masks its
@@ -416,33 +459,37 @@ def embedding_hook(state: RoutingState, name: str) -> Callable:
     embeddings of shape ``[1, T, d]``) are expanded to ``[B, T, d]`` first.
     """
 
-    def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
+    def __call__(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
+        state = state_of(module)
         keep = state.plan.shared_grad
         if keep is None or not state.enabled or not isinstance(out, Tensor):
             return None
         if _tokens(out) != keep.shape[0]:
             shape = state.shape
             if shape is None or out.dim() != len(shape) + 1:
-                raise ValueError(f"{name}: embedding output {tuple(out.shape)} vs labels {shape}")
+                raise ValueError(
+                    f"{self.name}: embedding output {tuple(out.shape)} vs labels {shape}"
+                )
             out = out.expand(*shape, out.shape[-1])
         return mask_cotangent(out, keep)
 
-    return hook
 
-
-def per_token_hook(state: RoutingState, name: str) -> Callable:
+class PerTokenHook(RouteHook):
     """Forward hook giving a per-token module (a norm) exact per-token parameter masks.
 
     Recomputes the module with detached parameters and picks that output for tokens that
     may not train shared parameters (the rule of ``routed_module_call``).
     """
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor | None:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor | None:
+        state = state_of(module)
         keep = state.plan.shared_grad
         if keep is None or state.guard or not state.enabled or not isinstance(out, Tensor):
             return None
         if _tokens(out) != keep.shape[0]:
-            raise ValueError(f"{name}: output {tuple(out.shape)} vs route labels {state.shape}")
+            raise ValueError(
+                f"{self.name}: output {tuple(out.shape)} vs route labels {state.shape}"
+            )
         params = {n: p.detach() for n, p in module.named_parameters()}
         state.guard = True
         try:
@@ -452,4 +499,13 @@ def per_token_hook(state: RoutingState, name: str) -> Callable:
         flags = keep.reshape(*out.shape[:-1], 1).bool()
         return torch.where(flags, out, frozen)
 
-    return hook
+
+def remove_route_hooks(module: nn.Module) -> None:
+    """Remove every :class:`RouteHook` and the attached state from ``module``."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, RouteHook)]:
+            del hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
+    module.__dict__.pop(STATE_ATTR, None)

@@ -33,16 +33,19 @@ from torch import Tensor, nn
 
 from evil_moe.models.adapters import (
     HF_SEMANTICS,
+    STATE_ATTR,
+    EmbeddingHook,
+    PerTokenHook,
     QuarantineLayer,
     QuarantineLinear,
     QuarantineMLP,
     RoutedBaseLinear,
+    RoutePreHook,
     RoutingState,
     _Wrapper,
-    embedding_hook,
     is_linear,
     linear_dims,
-    per_token_hook,
+    remove_route_hooks,
 )
 from evil_moe.modules.ablation import ablate as _ablate
 from evil_moe.modules.ablation import ablated as _ablated
@@ -127,7 +130,10 @@ class QuarantineConfig:
         router = data.pop("router", None)
         known = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in data.items() if k in known})
-        cfg.router = None if router is None else RouterConfig(**router)
+        if router is not None:
+            fields = {f.name for f in dataclasses.fields(RouterConfig)}
+            router = RouterConfig(**{k: v for k, v in router.items() if k in fields})
+        cfg.router = router
         return cfg
 
 
@@ -138,7 +144,6 @@ class QuarantineHandle:
         self.model = model
         self.config = config
         self.state = state
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._requires_grad: dict[str, bool] = {}
         self._unloaded = False
 
@@ -161,12 +166,17 @@ class QuarantineHandle:
     def parameter_groups(self) -> ParameterGroups:
         """Shared (routed / open) and quarantine parameters, for a ledger or clipping."""
         open_names = set()
-        if self.config.unrouted:
-            for mname, module in self.model.named_modules():
-                if _matches_any(mname, self.config.unrouted):
-                    open_names.update(
-                        f"{mname}.{p}" if mname else p for p, _ in module.named_parameters()
-                    )
+        for mname, module in self.model.named_modules():
+            if not self.config.unrouted or not _matches_any(mname, self.config.unrouted):
+                continue
+            if isinstance(module, QuarantineLinear):  # its base weight is the unrouted part
+                mname, module = f"{mname}.base_layer", module.base_layer
+            elif isinstance(module, _Wrapper):
+                continue
+            for p, _ in module.named_parameters(recurse=False):
+                open_names.add(f"{mname}.{p}" if mname else p)
+        if not self.config.train_base:
+            open_names.clear()  # the base is frozen: nothing is open
         return parameter_groups(self.model, open_names)
 
     def ledger(self) -> StepLedger:
@@ -268,9 +278,8 @@ class QuarantineHandle:
         wrappers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, _Wrapper)]
         for name, module in sorted(wrappers, key=lambda nm: -nm[0].count(".")):
             _set_submodule(self.model, name, module.base_layer)
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        for module in self.model.modules():
+            remove_route_hooks(module)
         for name, p in self.model.named_parameters():
             if name in self._requires_grad:
                 p.requires_grad_(self._requires_grad[name])
@@ -395,43 +404,49 @@ def inject(
     if not train_base:
         for p in model.parameters():
             p.requires_grad_(False)
-    d_model = _hidden_size(model)
-    for seed, name in enumerate(names):
-        base = model.get_submodule(name)
-        if kind == "lora":
-            wrapper: QuarantineLayer = QuarantineLinear(
-                base,
-                state,
-                name,
-                n_quarantine,
-                rank,
-                shared,
-                router_cfg,
-                route_base=train_base and not _matches_any(name, config.unrouted),
-                init_std=init_std,
-                seed=seed,
-            )
-        else:
-            d = _mlp_width(base, d_model, name)
-            wrapper = QuarantineMLP(
-                base,
-                state,
-                name,
-                d,
-                n_quarantine,
-                rank,
-                shared,
-                activation,
-                router_cfg,
-                init_std,
-                seed,
-            )
-        _set_submodule(model, name, wrapper)
-    if train_base:
-        handle._hooks += _route_base(model, state, config.unrouted)
-    handle._hooks.append(
-        model.register_forward_pre_hook(_pre_hook(state), with_kwargs=True, prepend=True)
-    )
+    try:
+        d_model = _hidden_size(model)
+        for seed, name in enumerate(names):
+            base = model.get_submodule(name)
+            if kind == "lora":
+                wrapper: QuarantineLayer = QuarantineLinear(
+                    base,
+                    state,
+                    name,
+                    n_quarantine,
+                    rank,
+                    shared,
+                    router_cfg,
+                    route_base=train_base
+                    and getattr(base, "weight", None) is not None
+                    and base.weight.requires_grad
+                    and not _matches_any(name, config.unrouted),
+                    init_std=init_std,
+                    seed=seed,
+                )
+            else:
+                d = _mlp_width(base, d_model, name)
+                wrapper = QuarantineMLP(
+                    base,
+                    state,
+                    name,
+                    d,
+                    n_quarantine,
+                    rank,
+                    shared,
+                    activation,
+                    router_cfg,
+                    init_std,
+                    seed,
+                )
+            _set_submodule(model, name, wrapper)
+        if train_base:
+            _route_base(model, state, config.unrouted)
+        _attach(model, state)
+        model.register_forward_pre_hook(RoutePreHook(), with_kwargs=True, prepend=True)
+    except Exception:
+        handle.unload()  # leave the model as it was
+        raise
     setattr(model, _ATTR, handle)
     return handle
 
@@ -471,11 +486,12 @@ def resolve_targets(
     return names
 
 
-def _route_base(
-    model: nn.Module, state: RoutingState, unrouted: Sequence[str]
-) -> list[torch.utils.hooks.RemovableHandle]:
+def _attach(module: nn.Module, state: RoutingState) -> None:
+    module.__dict__[STATE_ATTR] = state
+
+
+def _route_base(model: nn.Module, state: RoutingState, unrouted: Sequence[str]) -> None:
     """Make every base parameter a routed shared parameter (``train_base=True``)."""
-    hooks = []
     # Skip the adapters themselves, and a LoRA wrapper's base layer (routed by the wrapper).
     skip = []
     for wname, wrapper in model.named_modules():
@@ -490,8 +506,8 @@ def _route_base(
             for p in skip
         ):
             continue
-        if not any(True for _ in module.parameters(recurse=False)):
-            continue
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue  # no parameters, or frozen ones: nothing to route
         if _matches_any(name, unrouted):
             continue
         todo.append((name, module))
@@ -503,11 +519,11 @@ def _route_base(
             else:  # pragma: no cover - exotic linear types
                 bad.append((name, module))
         elif isinstance(module, nn.Embedding):
-            hooks.append(module.register_forward_hook(embedding_hook(state, name)))
+            _attach(module, state)
+            module.register_forward_hook(EmbeddingHook(name))
         elif "norm" in type(module).__name__.lower():
-            hooks.append(
-                module.register_forward_hook(per_token_hook(state, name), with_kwargs=True)
-            )
+            _attach(module, state)
+            module.register_forward_hook(PerTokenHook(name), with_kwargs=True)
         else:
             bad.append((name, module))
     if bad:
@@ -516,24 +532,6 @@ def _route_base(
             f"train_base=True cannot route the parameters of {listed}; list them in "
             "unrouted=[...] (every token trains them) or freeze them first"
         )
-    return hooks
-
-
-def _pre_hook(state: RoutingState) -> Callable:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        labels = kwargs.pop("route_labels", None)
-        modes = kwargs.pop("route_modes", None)
-        ref = kwargs.get("input_ids")
-        if ref is None and args and isinstance(args[0], Tensor):
-            ref = args[0]
-        if ref is None and isinstance(kwargs.get("inputs_embeds"), Tensor):
-            ref = kwargs["inputs_embeds"][..., 0]
-        shape = tuple(ref.shape) if ref is not None else None
-        device = ref.device if ref is not None else None
-        state.begin_forward(labels, modes, shape, device)
-        return args, kwargs
-
-    return hook
 
 
 # ----------------------------------------------------------------------------- labels
@@ -638,8 +636,10 @@ def check_compatible(model: nn.Module, base: Mapping[str, Any]) -> None:
             f"quarantine adapters were saved for {base['class']} but the model is {cls}"
         )
     modules = dict(model.named_modules())
-    for name, spec in base.get("modules", {}).items():
-        module = modules.get(name)
+    specs = base.get("modules", {})
+    order = [n for n in modules if n in specs] + [n for n in specs if n not in modules]
+    for name in order:
+        spec, module = specs[name], modules.get(name)
         if module is None:
             raise ValueError(
                 f"module {name!r} (saved with in={spec['in']}, out={spec['out']}) "
@@ -704,6 +704,12 @@ class RouteLabelCollator:
         self.pad_route = pad_route
         self.padding_side = padding_side
 
+    def __getattr__(self, name: str) -> Any:  # e.g. ``tokenizer`` of the wrapped collator
+        base = self.__dict__.get("base")
+        if base is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(base, name)
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         features = [dict(f) for f in features]
         extra = {k: [f.pop(k) for f in features] for k in ROUTE_KEYS if k in features[0]}
@@ -756,8 +762,9 @@ def _codes(v: Any) -> Any:
 class RoutedTrainerMixin:
     """Route labels for ``transformers.Trainer`` subclasses (also TRL's ``SFTTrainer``).
 
-    * keeps ``route_labels`` / ``route_modes`` through the column filter (the model's
-      forward pre-hook consumes them);
+    * wraps the trainer's data collator in a :class:`RouteLabelCollator` and keeps
+      ``route_labels`` / ``route_modes`` through the column filter (the model's forward
+      pre-hook consumes them);
     * records each training micro-batch in a :class:`StepLedger` and, right before
       ``optimizer.step()``, drops the gradients of groups no token of the step could train
       (so AdamW moves them neither by momentum nor by weight decay);
@@ -773,9 +780,9 @@ class RoutedTrainerMixin:
         clip_by_group: bool = True,
         **kwargs: Any,
     ):
-        if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = RouteLabelCollator()
         super().__init__(*args, **kwargs)
+        if not isinstance(self.data_collator, RouteLabelCollator):  # keep the trainer's own
+            self.data_collator = RouteLabelCollator(base=self.data_collator)
         self.quarantine = quarantine if quarantine is not None else get_handle(self.model)
         self.route_ledger = self.quarantine.ledger()
         self.clip_by_group = clip_by_group
@@ -814,6 +821,8 @@ def _make_routed_trainer() -> type:
     class RoutedTrainer(RoutedTrainerMixin, Trainer):
         """``transformers.Trainer`` with route labels (see :class:`RoutedTrainerMixin`)."""
 
+    RoutedTrainer.__qualname__ = "RoutedTrainer"
+    RoutedTrainer.__module__ = __name__
     return RoutedTrainer
 
 

@@ -29,11 +29,16 @@ from evil_moe.routing.functional import (
 )
 from evil_moe.routing.labels import RouteLabel, RoutingPlan
 
+def identity(x: Tensor) -> Tensor:
+    """Identity activation (LoRA experts); a named function so modules can be pickled."""
+    return x
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "silu": F.silu,
     "relu": F.relu,
-    "identity": lambda x: x,
+    "identity": identity,
 }
 ABLATION_MODES = ("zero", "reinit")
 

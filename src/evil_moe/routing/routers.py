@@ -184,7 +184,7 @@ class BackwardRouter(nn.Module):
         return keep, amplified
 
     def _record(self, chosen: Tensor, scores: Tensor, grad: Tensor, mode: Tensor | None) -> None:
-        load = chosen.sum(dim=0)
+        load = chosen.sum(dim=0).to(self.load.dtype)
         self.load += load
         self.routed_tokens += chosen.shape[0]
         self.dropped_tokens += (chosen.sum(dim=1) == 0).sum()
@@ -192,7 +192,7 @@ class BackwardRouter(nn.Module):
         self.entropy_sum += -(probs * probs.clamp_min(1e-12).log()).sum()
         if mode is not None:
             valid = (mode >= 0) & (mode < self.n_modes)
-            self.mode_load.index_add_(0, mode[valid], chosen[valid])
+            self.mode_load.index_add_(0, mode[valid], chosen[valid].to(self.mode_load.dtype))
         if self.bias_rate > 0 and self.policy != "all":
             self.bias += self.bias_rate * torch.sign(load.mean() - load)
         if self.alignment == "prototype":
