@@ -213,7 +213,11 @@ def _dataset(n=8, t=6):
     ids, _ = batch(n, t, seed=21)
     routes = [FORGET, FORGET, FORGET, FORGET, RETAIN, UNLABELED, FORGET, RETAIN]
     return [
-        {"input_ids": ids[i].tolist(), "labels": ids[i].tolist(), "route_labels": routes[i % len(routes)]}
+        {
+            "input_ids": ids[i].tolist(),
+            "labels": ids[i].tolist(),
+            "route_labels": routes[i % len(routes)],
+        }
         for i in range(n)
     ]
 

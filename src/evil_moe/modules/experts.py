@@ -29,6 +29,7 @@ from evil_moe.routing.functional import (
 )
 from evil_moe.routing.labels import RouteLabel, RoutingPlan
 
+
 def identity(x: Tensor) -> Tensor:
     """Identity activation (LoRA experts); a named function so modules can be pickled."""
     return x
