@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from evil_moe.data.corpus import DataError
+from evil_moe.eval.tables import format_table
+from evil_moe.study.spec import StudyError
+from evil_moe.study.store import StoreError
 from evil_moe.train.config import ConfigError, RunConfig, load_config
 
 EXIT_BAD_INPUT = 2
@@ -63,6 +67,74 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from evil_moe.study.analysis import analyse
+    from evil_moe.study.report import verdict_table, write_report
+    from evil_moe.study.runner import run_study, threads_per_worker
+    from evil_moe.study.spec import expand, load_spec, unique_runs
+    from evil_moe.study.store import ResultStore
+
+    spec, source = load_spec(args.preset)  # bad presets fail here, before --out is touched
+    jobs = args.jobs if args.jobs is not None else max(1, os.cpu_count() or 1)
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    out = Path(args.out)
+    store = ResultStore.open(
+        out, spec.study_id, source, spec.to_dict(), create=not args.report_only
+    )
+    try:
+        store.lock()
+        runs = unique_runs(expand(spec))
+        done = len({r.key for r in runs} & store.keys())
+        if not args.report_only:
+            print(
+                f"evil-moe study: {spec.study.name} ({source}): {len(runs)} runs, {done} already "
+                f"finished; {jobs} worker(s) x {threads_per_worker(jobs)} thread(s); store "
+                f"{store.path}",
+                file=sys.stderr,
+            )
+            outcome = run_study(
+                spec,
+                out,
+                jobs,
+                progress=not args.quiet,
+                source=source,
+                keep_runs=args.keep_runs,
+                store=store,
+            )
+            if outcome.finished:
+                rate = outcome.finished / outcome.wall_s * 3600 if outcome.wall_s else 0.0
+                print(
+                    f"finished {outcome.finished} run(s) in {outcome.wall_s:.0f} s "
+                    f"({rate:.0f} runs/hour)",
+                    file=sys.stderr,
+                )
+            failed = outcome.failed
+        else:
+            failed = []
+        analysis = analyse(spec, store.runs())
+    finally:
+        store.close()
+    paths = write_report(analysis, out, source)
+    _, rows = verdict_table(analysis)
+    print(
+        format_table(
+            ["#", "variants", "note", "verdict", "effect (mean [95% CI])"],
+            [[r[0], r[3], r[2], r[6], r[5]] for r in rows],
+        )
+    )
+    print(f"wrote {paths['html']}, {paths['md']}, {paths['json']}")
+    if analysis.missing:
+        print(
+            f"{len(analysis.missing)} run(s) missing: run the same command again to resume",
+            file=sys.stderr,
+        )
+    if failed:
+        print(f"evil-moe: {len(failed)} run(s) failed; see {out / 'logs'}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evil-moe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_train)
+    s = sub.add_parser(
+        "study",
+        help="run the absorption study grid (resumable) and write its report",
+        description="Run every unfinished run of a study preset in parallel worker processes, "
+        "store each finished run in DIR/results.sqlite, then write DIR/report.html, "
+        "DIR/report.md and DIR/verdicts.json. Running the same command again resumes.",
+    )
+    s.add_argument("--preset", default="quick", help="quick (default), full, or a TOML file")
+    s.add_argument("--out", required=True, help="study directory (results store and report)")
+    s.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU cores)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    s.add_argument("--keep-runs", action="store_true", help="also keep DIR/runs/<key>/ outputs")
+    s.set_defaults(func=cmd_study)
     return parser
 
 
@@ -80,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, StudyError, StoreError) as err:
         print(f"evil-moe: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
