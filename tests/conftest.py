@@ -30,6 +30,6 @@ def _fixed_threads():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def tiny_overrides() -> list[str]:
-    return list(TINY_OVERRIDES)
+@pytest.fixture(scope="session")
+def tiny_overrides() -> tuple[str, ...]:
+    return tuple(TINY_OVERRIDES)

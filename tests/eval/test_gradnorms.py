@@ -16,21 +16,8 @@ from evil_moe.train.setup import prepare_run
 
 
 @pytest.fixture(scope="module")
-def trained():
-    overrides = [
-        "model.d_model=16",
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.seq_len=16",
-        "model.mlp_width=32",
-        "model.quarantine_width=8",
-        "data.max_docs=40",
-        "data.eval_sequences=4",
-        "train.steps=3",
-        "train.batch_size=4",
-        "train.warmup_steps=1",
-    ]
-    cfg = load_config(None, overrides)
+def trained(tiny_overrides):
+    cfg = load_config(None, list(tiny_overrides))
     run = prepare_run(cfg)
     return train(cfg, progress=False, prepared=run).model, run
 
