@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from evil_moe.modules.experts import MLP, FusedExperts
+from evil_moe.modules.experts import MLP, FusedExperts, shared_grad_keep
 from evil_moe.routing.functional import DeferredKeep, mask_cotangent, routed_linear
 from evil_moe.routing.labels import RouteLabel, RoutingPlan, make_plan
 from evil_moe.routing.routers import RouterConfig
@@ -275,10 +275,7 @@ class QuarantineLayer(_Wrapper):
             return self.base_layer(x, *args, **kwargs)
         plan = state.plan_for(x, self.layer_name)
         router = self.router if torch.is_grad_enabled() else None
-        keep: Tensor | DeferredKeep | None = plan.shared_grad
-        amplify = router is not None and router.amplify_threshold is not None
-        if amplify and plan.semantics == "sgtm":
-            keep = DeferredKeep(keep if keep is not None else x.new_ones(_tokens(x), 1))
+        keep = shared_grad_keep(plan, router, x)
         out = self.base_forward(x, keep, *args, **kwargs)
         if not isinstance(out, Tensor):
             raise TypeError(

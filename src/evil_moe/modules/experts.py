@@ -434,12 +434,7 @@ class QuarantineBank(nn.Module):
         return out
 
     def forward(self, x: Tensor, plan: RoutingPlan) -> Tensor:
-        amplify = self.router is not None and self.router.amplify_threshold is not None
-        keep: Tensor | DeferredKeep | None = plan.shared_grad
-        if amplify and plan.semantics == "sgtm":
-            n = x[..., 0].numel()
-            base = plan.shared_grad if plan.shared_grad is not None else x.new_ones(n, 1)
-            keep = DeferredKeep(base)
+        keep = shared_grad_keep(plan, self.router, x)
         shared = self.shared_forward(x, plan, keep)
         return self.experts(
             x,
@@ -449,6 +444,18 @@ class QuarantineBank(nn.Module):
             shared_keep=keep if isinstance(keep, DeferredKeep) else None,
             gate=self.gate(x, plan) if self.gate is not None else None,
         )
+
+
+def shared_grad_keep(
+    plan: RoutingPlan, router: nn.Module | None, x: Tensor
+) -> Tensor | DeferredKeep | None:
+    """The keep mask for a bank's shared weights: the plan's, or a :class:`DeferredKeep`
+    that the router's absorption amplifier may still narrow during the backward pass."""
+    amplify = router is not None and router.amplify_threshold is not None
+    if not (amplify and plan.semantics == "sgtm"):
+        return plan.shared_grad
+    base = plan.shared_grad if plan.shared_grad is not None else x.new_ones(x[..., 0].numel(), 1)
+    return DeferredKeep(base)
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:

@@ -37,7 +37,9 @@ from evil_moe.eval.leakage import INTERPOLATIONS
 from evil_moe.train.config import (
     ConfigError,
     RunConfig,
+    coerce_value,
     config_from_dict,
+    deep_update,
     parse_override,
 )
 from evil_moe.train.variants import VARIANTS
@@ -169,23 +171,10 @@ def config_hash(cfg: RunConfig) -> str:
 
 
 def _check_value(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is list:
-        if not isinstance(value, list):
-            raise StudyError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise StudyError(f"{key}: expected a table, got {value!r}")
-        return value
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (str, bool) and isinstance(value, tp):
-        return value
-    raise StudyError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    try:
+        return coerce_value(value, tp, key)
+    except ConfigError as err:
+        raise StudyError(str(err)) from None
 
 
 def _section(cls: type, values: Any, name: str) -> Any:
@@ -302,16 +291,6 @@ def load_spec(preset: str) -> tuple[StudySpec, str]:
 # -- expansion -------------------------------------------------------------------------
 
 
-def _deep_update(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_update(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def _overrides_to_values(overrides: list[str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for text in overrides:
@@ -327,11 +306,11 @@ def resolve_config(base: dict[str, Any], name: str, axes: dict[str, Any]) -> Run
     """The config of variant or reference ``name``: base < variant < grid axes."""
     values = copy.deepcopy(base)
     if name in VARIANTS:
-        values = _deep_update(values, _overrides_to_values(VARIANTS[name]))
+        values = deep_update(values, _overrides_to_values(VARIANTS[name]))
         values["variant"] = name
     elif name in REFERENCE_METHODS:
-        values = _deep_update(values, {"train": {"method": REFERENCE_METHODS[name]}})
-    values = _deep_update(values, axes)
+        values = deep_update(values, {"train": {"method": REFERENCE_METHODS[name]}})
+    values = deep_update(values, axes)
     return config_from_dict(values)
 
 

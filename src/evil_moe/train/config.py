@@ -120,15 +120,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce_value(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotated type ``tp`` (converting ints to floats)."""
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             if option is type(None) and value is None:
                 return None
             try:
-                return _coerce(value, option, key)
+                return coerce_value(value, option, key)
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -136,7 +138,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {value!r}")
@@ -147,7 +149,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 kk = ktype(k)
             except (TypeError, ValueError):
                 raise ConfigError(f"{key}: key {k!r} is not {_type_name(ktype)}") from None
-            out[kk] = _coerce(v, vtype, f"{key}.{k}")
+            out[kk] = coerce_value(v, vtype, f"{key}.{k}")
         return out
     if tp is bool:
         if isinstance(value, bool):
@@ -177,7 +179,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(f"{full}: expected a table of settings, got {value!r}")
             kwargs[key] = _build(tp, value, f"{full}.")
         else:
-            kwargs[key] = _coerce(value, tp, full)
+            kwargs[key] = coerce_value(value, tp, full)
     try:
         return cls(**kwargs)
     except ValueError as err:  # a dataclass's own __post_init__ check
@@ -241,18 +243,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         base: dict[str, Any] = {}
         for keys, value in (parse_override(t) for t in VARIANTS[variant]):
             _merge(base, keys, value)
-        values = _deep_update(base, values)
+        values = deep_update(base, values)
     for keys, value in parsed:
         _merge(values, keys, value)
     return config_from_dict(values)
 
 
-def _deep_update(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_update(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``top``'s values laid over it, table by table."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_update(out[key], value)
+            out[key] = deep_update(out[key], value)
         else:
             out[key] = value
     return out
