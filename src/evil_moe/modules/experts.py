@@ -227,8 +227,13 @@ class FusedExperts(QuarantineModule):
             h = self.act(F.linear(x, self.up, self.up_bias))
             if gate is not None:
                 h = (h.unflatten(-1, (self.n_experts, -1)) * gate.unsqueeze(-1)).flatten(-2)
+            # A 0/1 row mask commutes exactly with the down projection: apply it on the
+            # narrower side (hidden units or output features).
+            mask_hidden = on is not None and self.up.shape[0] <= self.down.shape[0]
+            if mask_hidden:
+                h = h * _rows(on, h)
             y = F.linear(h, self.down)
-            if on is not None:
+            if on is not None and not mask_hidden:
                 y = y * _rows(on, y)
             return y if residual is None else residual + y
         n = x[..., 0].numel()
