@@ -135,6 +135,16 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rl(args: argparse.Namespace) -> int:
+    try:
+        from evil_moe.rl.run import cli_rl
+    except ImportError as err:
+        raise ConfigError(
+            f"evil-moe rl needs the rl extra (pip install 'evil-moe[rl]'): {err}"
+        ) from None
+    return cli_rl(args, _check_out_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evil-moe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report-only", action="store_true", help="only rebuild the report")
     s.add_argument("--keep-runs", action="store_true", help="also keep DIR/runs/<key>/ outputs")
     s.set_defaults(func=cmd_study)
+    r = sub.add_parser(
+        "rl",
+        help="GRPO with a quarantine on the offline hackable task; hack/solve rates as trained "
+        "and deployed",
+        description="Warm start, GRPO with route labels from a simulated monitor, evaluation "
+        "(as trained, deployed, forget-scale sweep, relearning). Resumable: run it again.",
+    )
+    r.add_argument("--config", help="TOML config file")
+    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    r.set_defaults(func=cmd_rl)
     return parser
 
 

@@ -1,0 +1,91 @@
+"""Tiny policies, trainers and run configs for the RL tests (single-threaded, seconds)."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Any
+
+import torch
+
+TINY_RL = [
+    "policy.hidden_size=16",
+    "policy.intermediate_size=32",
+    "policy.num_hidden_layers=1",
+    "policy.num_attention_heads=2",
+    "warmstart.steps=3",
+    "warmstart.batch_size=8",
+    "quarantine.rank=2",
+    "grpo.steps=4",
+    "grpo.prompts_per_step=2",
+    "grpo.generations=4",
+    "grpo.log_every=1",
+    "grpo.checkpoint_every=2",
+    "grpo.max_completion_length=8",
+    "eval.prompts=8",
+    "eval.scales=[0.0, 0.5, 1.0]",
+    "eval.relearn_steps=2",
+    "eval.relearn_eval_every=1",
+    "eval.relearn_prompts=4",
+    "eval.grad_norm_samples=4",
+]
+
+
+def tiny_policy(semantics: str = "sgtm", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A 1-layer Llama of width 16 with a rank-2 LoRA quarantine, base trained and routed."""
+    from evil_moe.models.hf import inject
+    from evil_moe.rl.policy import PolicyConfig, make_policy, make_tokenizer
+
+    tok = make_tokenizer()
+    model = make_policy(PolicyConfig(16, 32, 1, 2), tok, seed=seed).to(dtype)
+    torch.manual_seed(seed)
+    handle = inject(model, kind="lora", rank=2, train_base=True, semantics=semantics)
+    with torch.no_grad():  # a trained-looking quarantine: nonzero B so every path carries gradient
+        for p in handle.quarantine_parameters().values():
+            p.normal_(0, 0.1)
+    return model, handle, tok
+
+
+def tiny_trainer(
+    model, handle, tok, method: str, monitor: Any = None, baseline: str = "auto", lr: float = 1e-2
+):
+    """A :class:`RoutedGRPOTrainer` on the tiny policy (2 prompts x 4 generations)."""
+    import transformers
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from evil_moe.rl.monitor import TaskReward
+    from evil_moe.rl.task import make_task
+    from evil_moe.rl.trainer import RoutedGRPOTrainer
+
+    transformers.logging.set_verbosity_error()
+    args = GRPOConfig(
+        output_dir="/tmp/evil-moe-rl-tests-unused",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        learning_rate=lr,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        report_to=[],
+        save_strategy="no",
+        disable_dropout=True,
+    )
+    task = make_task(random.Random(0))
+    data = Dataset.from_list([{"prompt": task.prompt, "task": task.to_dict()}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = RoutedGRPOTrainer(
+            model,
+            [TaskReward()],
+            args,
+            train_dataset=data,
+            processing_class=tok,
+            monitor=monitor,
+            method=method,
+            baseline=baseline,
+            quarantine=handle,
+        )
+    trainer.create_optimizer()
+    return trainer
