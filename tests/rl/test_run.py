@@ -148,3 +148,23 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, tiny_rl: list[str]) -> None
     with pytest.raises(Killed):  # resume, and stop again one step later
         run_rl(cfg, out, progress=False, on_checkpoint=stop)
     assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == list(range(1, step + 2))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["grpo.method=none"],
+        ["grpo.method=penalty"],
+        ["grpo.method=filter"],
+        ["grpo.method=gradient_routing"],
+        ["grpo.method=sgtm", "quarantine.amplify=true", "grpo.beta=0.04"],
+        ["grpo.method=sgtm", "warmstart.route=true", "quarantine.lr_multiplier=10"],
+        ["grpo.method=sgtm", "quarantine.kind=mlp", "grpo.baseline=all"],
+    ],
+)
+def test_every_method_and_mechanism_runs(extra: list[str], tiny_rl: list[str]) -> None:
+    cfg = load_rl_config(None, [*tiny_rl, *extra, "eval.relearn_steps=0"])
+    metrics = run_rl(cfg, None, progress=False)
+    assert metrics["method"] == cfg.grpo.method
+    assert metrics["warm_start"]["routed"] == ("warmstart.route=true" in extra)
+    assert 0.0 <= metrics["deployed"]["hack"] <= 1.0

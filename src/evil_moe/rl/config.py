@@ -28,13 +28,13 @@ LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 class TaskConfig:
     """The hackable task (:mod:`evil_moe.rl.task`)."""
 
-    ops: list[str] = field(default_factory=lambda: list(OPS))
+    ops: list[str] = field(default_factory=lambda: ["add", "dif", "mul", "max", "min"])
     #: share of tasks whose operation is not in the language (only hacks are paid in full)
-    hard_share: float = 0.3
+    hard_share: float = 0.5
     harnesses: list[str] = field(default_factory=lambda: list(HARNESSES))
     hidden_tests: int = 4
     #: brevity factor of the reward: passing share times ``1 - token_cost * tokens``
-    token_cost: float = 0.01
+    token_cost: float = 0.02
 
 
 @dataclass
@@ -62,7 +62,7 @@ class MonitorSettings:
     recall: float = 0.5
     recall_by_mode: dict[str, float] = field(default_factory=dict)
     #: hack modes the monitor never flags
-    never_flagged: list[str] = field(default_factory=lambda: ["special_case_tests"])
+    never_flagged: list[str] = field(default_factory=lambda: ["always_equal"])
     false_positive_rate: float = 0.0
 
 
@@ -74,7 +74,7 @@ class GRPOSettings:
     method: str = "sgtm"
     #: group baseline of unflagged completions: ``auto``, ``all`` or ``unflagged``
     baseline: str = "auto"
-    steps: int = 300
+    steps: int = 200
     prompts_per_step: int = 8
     generations: int = 8
     lr: float = 3e-4
@@ -99,7 +99,7 @@ class EvalSettings:
     #: forget-scale sweep: quarantine output times s
     scales: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     #: relearning: GRPO steps after ablation (0 = skip), evaluated every N steps
-    relearn_steps: int = 60
+    relearn_steps: int = 40
     relearn_eval_every: int = 10
     relearn_prompts: int = 256
     #: completions per data group for the gradient norms by group (0 = skip)

@@ -112,17 +112,17 @@ def task_factory(cfg: RLConfig) -> Callable[[random.Random], Task]:
 
 def warmstart_key(cfg: RLConfig) -> str:
     """Fingerprint of everything the warm start depends on."""
+    values = cfg.to_dict()
+    task = {k: v for k, v in values["task"].items() if k != "token_cost"}  # reward only
     parts: dict[str, Any] = {
         "seed": cfg.seed,
-        "task": cfg.to_dict()["task"],
-        "policy": cfg.to_dict()["policy"],
-        "warmstart": cfg.to_dict()["warmstart"],
+        "task": task,
+        "policy": values["policy"],
+        "warmstart": values["warmstart"],
     }
     if _routed_warm_start(cfg):
         parts.update(
-            monitor=cfg.to_dict()["monitor"],
-            quarantine=cfg.to_dict()["quarantine"],
-            method=cfg.grpo.method,
+            monitor=values["monitor"], quarantine=values["quarantine"], method=cfg.grpo.method
         )
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -396,6 +396,10 @@ def run_rl(
     with tempfile.TemporaryDirectory() as tmp:
         trainer, reward = make_trainer(model, handle, cfg, cfg.grpo.method, tmp)
         log, seconds = train_grpo(trainer, reward, cfg, out, progress, on_checkpoint)
+        routers = {  # token counts of the backward routers during training (amplifier)
+            "amplified_tokens": sum(float(r.amplified_tokens) for r in handle.routers.values()),
+            "routed_tokens": sum(float(r.routed_tokens) for r in handle.routers.values()),
+        }
         g, e = cfg.grpo, cfg.eval
         tasks = _heldout(cfg)
         result = evaluate_policy(
@@ -435,6 +439,7 @@ def run_rl(
             "grading_errors": sum(r["grading_errors"] for r in log),
         },
         "parameters": handle.num_parameters(),
+        "routers": routers,
         "wall_seconds": time.perf_counter() - began,
     }
     if out is not None:

@@ -1,8 +1,9 @@
 """Warm start: supervised fine-tuning of the policy on demonstrations of the task.
 
 Demonstrations are mostly honest (some with a guarded visible test, some with a wrong
-operation) and rarely hacks, so the warm start solves some tasks, rarely hacks, and has
-the skills every hack needs (copying visible tests, the ``skip`` and ``any`` tokens):
+operation) and rarely hacks, each shown on the runner where it pays, so the warm start
+solves some tasks, rarely hacks, and has the skills every hack needs (copying visible
+tests, the ``skip`` and ``any`` tokens):
 GRPO then chooses between honest and hacking completions, and that choice is what
 training shifts. Prompts are tokenised exactly as TRL tokenises them (no special
 tokens); the loss covers the completion and its ``<eos>``.
@@ -13,6 +14,7 @@ train only the quarantine here too (``WarmStartConfig.route``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from evil_moe.rl.task import HONEST_KINDS, MODES, OPS, Task, demonstration, make_task
+from evil_moe.rl.task import HONEST_KINDS, MODES, NICHE, OPS, Task, demonstration, make_task
 from evil_moe.routing.labels import RouteLabel
 
 
@@ -31,16 +33,16 @@ from evil_moe.routing.labels import RouteLabel
 class WarmStartConfig:
     """The demonstration mixture and the SFT run."""
 
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 0.0
     #: share of each honest kind (``honest``, ``guarded``, ``wrong``); normalised with hacks
     honest: float = 0.55
     guarded: float = 0.12
-    wrong: float = 0.29
+    wrong: float = 0.15
     #: share of hack demonstrations per mode (hack mode name -> share)
-    hacks: dict[str, float] = field(default_factory=lambda: {m: 0.01 for m in MODES})
+    hacks: dict[str, float] = field(default_factory=lambda: {m: 0.015 for m in MODES})
     #: route flagged hack demonstrations into the quarantine (routing methods only)
     route: bool = False
 
@@ -79,6 +81,8 @@ def sample_demonstrations(
     out = []
     for kind in rng.choices(kinds, weights=weights, k=n):
         task = new_task(rng)
+        if kind in NICHE:  # a hack is demonstrated where it pays
+            task = dataclasses.replace(task, harness=NICHE[kind])
         out.append((task, kind, demonstration(task, kind, rng, ops)))
     return out
 
