@@ -97,6 +97,7 @@ def main() -> int:
     args = parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    command = _command(args)  # the code that runs the arms, recorded before they start
     if not args.report_only:
         jobs = [
             (str(out), arm, seed, args.overrides)
@@ -114,15 +115,24 @@ def main() -> int:
         print(f"wall time {time.perf_counter() - began:.0f} s for {len(jobs)} runs", flush=True)
     from rl_report import write_report  # the sibling module of this script
 
-    paths = write_report(out, args.seeds, list(ARMS), CONTRASTS, _command(args))
+    paths = write_report(out, args.seeds, list(ARMS), CONTRASTS, command)
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0
 
 
 def _command(args: argparse.Namespace) -> dict[str, Any]:
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    """The command line and the commit of the code (``EVIL_MOE_COMMIT`` when the study runs
+    from an exported copy of a commit, else ``git rev-parse HEAD`` plus a dirty flag)."""
+    import os
+
+    commit = os.environ.get("EVIL_MOE_COMMIT", "")
+    if not commit:
+        git = ["git", "-C", str(Path(__file__).resolve().parent)]
+        commit = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        if subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "src", "bench"]).returncode:
+            commit += " (with uncommitted changes)"
     argv = " ".join(["python", "bench/rl_study.py", *sys.argv[1:]])
     return {"command": argv, "commit": commit}
 
