@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-import warnings
 from typing import Any
 
 import torch
@@ -46,46 +44,15 @@ def tiny_policy(semantics: str = "sgtm", dtype: torch.dtype = torch.float32, see
     return model, handle, tok
 
 
-def tiny_trainer(
-    model, handle, tok, method: str, monitor: Any = None, baseline: str = "auto", lr: float = 1e-2
-):
-    """A :class:`RoutedGRPOTrainer` on the tiny policy (2 prompts x 4 generations)."""
-    import transformers
-    from datasets import Dataset
-    from trl import GRPOConfig
+def tiny_trainer(model, handle, tok, method: str, monitor: Any = None, baseline: str = "auto"):
+    """A :class:`RoutedGRPOTrainer` on the tiny policy (2 prompts x 4 generations), built by
+    the recipe's :func:`~evil_moe.rl.run.make_trainer`; ``monitor`` replaces its own."""
+    from evil_moe.rl.config import load_rl_config
+    from evil_moe.rl.run import make_trainer
 
-    from evil_moe.rl.monitor import TaskReward
-    from evil_moe.rl.task import make_task
-    from evil_moe.rl.trainer import RoutedGRPOTrainer
-
-    transformers.logging.set_verbosity_error()
-    args = GRPOConfig(
-        output_dir="/tmp/evil-moe-rl-tests-unused",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        learning_rate=lr,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        report_to=[],
-        save_strategy="no",
-        disable_dropout=True,
+    cfg = load_rl_config(
+        None, [*TINY_RL, f"grpo.method={method}", f"grpo.baseline={baseline}", "grpo.lr=0.01"]
     )
-    task = make_task(random.Random(0))
-    data = Dataset.from_list([{"prompt": task.prompt, "task": task.to_dict()}])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        trainer = RoutedGRPOTrainer(
-            model,
-            [TaskReward()],
-            args,
-            train_dataset=data,
-            processing_class=tok,
-            monitor=monitor,
-            method=method,
-            baseline=baseline,
-            quarantine=handle,
-        )
-    trainer.create_optimizer()
+    trainer, _ = make_trainer(model, handle, cfg, method, "/tmp/evil-moe-rl-tests-unused")
+    trainer.monitor = monitor
     return trainer

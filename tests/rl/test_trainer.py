@@ -155,9 +155,13 @@ def test_grpo_step_runs_and_reports() -> None:
 
 def test_constructor_checks() -> None:
     model, handle, tok = tiny_policy()
+    base = tiny_trainer(model, handle, tok, "none")
+    same = {"train_dataset": base.train_dataset, "processing_class": tok, "quarantine": handle}
     with pytest.raises(ValueError, match="needs a monitor"):
-        tiny_trainer(model, handle, tok, "sgtm")
+        RoutedGRPOTrainer(model, base.reward_funcs, base.args, method="sgtm", **same)
+    with pytest.raises(ValueError, match="unknown method"):
+        RoutedGRPOTrainer(
+            model, base.reward_funcs, base.args, method="demix", monitor=_flag_by_text, **same
+        )
     with pytest.raises(ValueError, match="semantics"):
         tiny_trainer(model, handle, tok, "gradient_routing", monitor=_flag_by_text)
-    with pytest.raises(ValueError, match="unknown method"):
-        tiny_trainer(model, handle, tok, "demix", monitor=_flag_by_text)

@@ -137,7 +137,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_rl(args: argparse.Namespace) -> int:
     try:
-        from evil_moe.rl.run import cli_rl
+        from evil_moe.rl.cli import cli_rl
     except ImportError as err:
         raise ConfigError(
             f"evil-moe rl needs the rl extra (pip install 'evil-moe[rl]'): {err}"

@@ -21,6 +21,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,8 @@ def build_warm_policy(
 ) -> tuple[Any, Any, dict[str, Any]]:
     """``(model, handle, warm-start record)``: the warm-started policy with its quarantine,
     loaded from the cache (or ``out/warmstart``) or trained and stored there."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     tok = make_tokenizer()
     model = make_policy(cfg.policy, tok, seed=cfg.seed)
     routed = _routed_warm_start(cfg)
@@ -204,6 +207,8 @@ def make_trainer(
 
     transformers.logging.set_verbosity_error()
     g = cfg.grpo
+    # transformers 5 renames gradient checkpointing; the note is noise for this recipe
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*", category=FutureWarning)
     args = GRPOConfig(
         output_dir=tmp,
         use_cpu=True,
@@ -451,50 +456,3 @@ def run_rl(
         for stale in (*out.glob("checkpoint-*.safetensors"), out / "checkpoint.json"):
             stale.unlink(missing_ok=True)
     return metrics
-
-
-def rate_table(metrics: dict[str, Any]) -> str:
-    """Hack and solve rates per view (and hack per mode) as a plain-text table."""
-    from evil_moe.eval.tables import format_table
-
-    rows = []
-    views = [
-        ("warm start", metrics["warm_start"]["heldout"]),
-        ("trained", metrics["trained"]),
-        ("deployed", metrics["deployed"]),
-    ]
-    for name, s in views:
-        rows.append([name, s["solve"], s["hack"], *(s["hack_by_mode"][m] for m in MODES)])
-    header = ["view", "solve", "hack", *MODES]
-    flagged = ", ".join(metrics["flagged_modes"]) or "none"
-    title = f"method={metrics['method']} baseline={metrics['baseline']}  (monitor flags: {flagged})"
-    return title + "\n" + format_table(header, rows)
-
-
-def cli_rl(args: Any, check_out_dir: Callable[[Path, Any], None]) -> int:
-    """``evil-moe rl``: parse, refuse a directory of another run, run (or show), print."""
-    import sys
-
-    from evil_moe.rl.config import load_rl_config
-
-    cfg = load_rl_config(args.config, args.overrides)
-    out = Path(args.out)
-    check_out_dir(out, cfg)
-    if (out / "metrics.json").exists():
-        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-        print(f"{out} already holds this finished run; showing its results.", file=sys.stderr)
-    else:
-        print(
-            f"evil-moe rl: method={cfg.grpo.method} steps={cfg.grpo.steps} seed={cfg.seed} "
-            f"quarantine={cfg.quarantine.kind} rank {cfg.quarantine.rank}",
-            file=sys.stderr,
-        )
-        metrics = run_rl(cfg, out, progress=not args.quiet)
-    print(rate_table(metrics))
-    relearn = metrics.get("relearning")
-    if relearn:
-        steps = relearn["steps"]
-        back = f"{steps} steps" if steps is not None else f"not within {relearn['cap']} steps"
-        print(f"relearning: hack rate back to {relearn['target']:.3f} after {back}")
-    print(f"wrote {out}/metrics.json")
-    return 0
