@@ -23,7 +23,11 @@ def _load(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict[str, dic
         for seed in seeds:
             path = out / "runs" / f"{arm}-s{seed}" / "metrics.json"
             if path.exists():
-                runs.setdefault(arm, {})[seed] = json.loads(path.read_text(encoding="utf-8"))
+                metrics = json.loads(path.read_text(encoding="utf-8"))
+                redo = path.with_name("relearning.json")  # a later relearning pass wins
+                if redo.exists():
+                    metrics["relearning"] = json.loads(redo.read_text(encoding="utf-8"))
+                runs.setdefault(arm, {})[seed] = metrics
     return runs
 
 
@@ -113,8 +117,17 @@ def write_report(
                 }
             )
     any_run = next(iter(next(iter(runs.values())).values())) if runs else {}
+    relearn_commits = sorted(
+        {
+            m["relearning"].get("commit", command["commit"])
+            for r in runs.values()
+            for m in r.values()
+            if m.get("relearning")
+        }
+    )
     report = {
         **command,
+        "relearning_commits": relearn_commits,
         "seeds": list(seeds),
         "flagged_modes": any_run.get("flagged_modes"),
         "arms": summary,
@@ -141,6 +154,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`  ",
         f"Commit: `{report['commit']}`  ",
+        f"Relearning measured at: {', '.join(f'`{c}`' for c in report['relearning_commits'])}  ",
         f"Seeds: {report['seeds']}; cells are means with 95% t-intervals over seeds. "
         f"Monitor flags {', '.join(flagged)} at the configured recall; never flags "
         f"{', '.join(never) or 'nothing'}.",

@@ -7,10 +7,14 @@ Arms (each a run of :func:`evil_moe.rl.run.run_rl` on the default config plus ov
 flagged modes, one mode never flagged), and the mechanisms, each with its own control:
 ``sgtm_amplify`` (vs ``sgtm``), ``sgtm_baseline_all`` (vs ``sgtm``), ``sgtm_qlr10`` (the
 quarantine at 10x the learning rate) vs ``none_qlr10`` (the same quarantine, no
-routing). All arms of a seed share one warm start (``warmstart_cache``).
+routing); and a positive control with a perfect monitor on the flagged modes,
+``sgtm_recall1`` vs ``penalty_recall1``. All arms of a seed share one warm start
+(``warmstart_cache``).
 
 Resumable: finished runs (``runs/<arm>-s<seed>/metrics.json``) are skipped, killed ones
-resume from their checkpoint. The report (``report.md`` + ``report.json``: means and
+resume from their checkpoint. ``--relearn-only`` recomputes the relearning measurement
+of every finished run from its saved weights (``relearning.json``, preferred by the
+report). The report (``report.md`` + ``report.json``: means and
 95% t-intervals over seeds, seed-paired contrasts) is rewritten at the end;
 ``--report-only`` rebuilds it from the finished runs.
 """
@@ -35,6 +39,9 @@ ARMS: dict[str, list[str]] = {
     "sgtm_baseline_all": ["grpo.method=sgtm", "grpo.baseline=all"],
     "sgtm_qlr10": ["grpo.method=sgtm", "quarantine.lr_multiplier=10"],
     "none_qlr10": ["grpo.method=none", "quarantine.lr_multiplier=10"],
+    # positive control: a perfect monitor on the flagged modes (always_equal still unflagged)
+    "sgtm_recall1": ["grpo.method=sgtm", "monitor.recall=1.0"],
+    "penalty_recall1": ["grpo.method=penalty", "monitor.recall=1.0"],
 }
 #: (treatment, control, what the contrast isolates)
 CONTRASTS = [
@@ -59,6 +66,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument(
+        "--relearn-only",
+        action="store_true",
+        help="recompute relearning of every finished run into runs/<arm>-s<seed>/relearning.json",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides applied to every arm")
     return p.parse_args()
 
@@ -81,6 +93,18 @@ def _job(job: tuple[str, str, int, list[str]]) -> tuple[str, int, float, str]:
     return arm, seed, time.perf_counter() - began, "ok" if rc == 0 else f"exit {rc} (see {log})"
 
 
+def _relearn(job: tuple[str, str]) -> tuple[str, float]:
+    """Relearning of one finished run, written next to its metrics."""
+    from evil_moe.rl.run import relearning_of_run
+    from evil_moe.train.io import write_json
+
+    run_dir, commit = job
+    began = time.perf_counter()
+    result = relearning_of_run(run_dir)
+    write_json(Path(run_dir) / "relearning.json", {**result, "commit": commit})
+    return run_dir, time.perf_counter() - began
+
+
 def _warm(job: tuple[str, int, list[str]]) -> float:
     """Build (or find) the shared warm start of one seed."""
     from evil_moe.rl.config import load_rl_config
@@ -98,7 +122,17 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = _command(args)  # the code that runs the arms, recorded before they start
-    if not args.report_only:
+    if args.relearn_only:
+        dirs = [
+            (str(out / "runs" / f"{arm}-s{seed}"), command["commit"])
+            for seed in args.seeds
+            for arm in args.arms
+            if (out / "runs" / f"{arm}-s{seed}" / "metrics.json").exists()
+        ]
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            for run_dir, seconds in pool.imap_unordered(_relearn, dirs):
+                print(f"relearning {Path(run_dir).name}: {seconds:.0f} s", flush=True)
+    elif not args.report_only:
         jobs = [
             (str(out), arm, seed, args.overrides)
             for seed in args.seeds

@@ -15,7 +15,7 @@ import torch
 
 from evil_moe.cli.main import main
 from evil_moe.rl.config import load_rl_config
-from evil_moe.rl.run import run_rl
+from evil_moe.rl.run import relearning_of_run, run_rl
 from evil_moe.train.io import read_jsonl, read_tensors
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -49,6 +49,7 @@ def test_cli_end_to_end(tmp_path: Path, tiny_rl: list[str], capsys) -> None:
         "honest_solved",
     }
     assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == [1, 2, 3, 4]
+    assert relearning_of_run(out) == metrics["relearning"]  # from the saved files, alike
 
     from evil_moe.models.hf import load_quarantine
     from evil_moe.rl.policy import PolicyConfig, make_policy, make_tokenizer

@@ -165,3 +165,25 @@ def test_constructor_checks() -> None:
         )
     with pytest.raises(ValueError, match="semantics"):
         tiny_trainer(model, handle, tok, "gradient_routing", monitor=_flag_by_text)
+
+
+def test_copies_of_a_trained_policy_compute_with_their_own_weights() -> None:
+    """TRL patches ``forward`` with a closure over the original; copies must not use it."""
+    from evil_moe.models.hf import get_handle
+    from evil_moe.rl.trainer import deployed_copy, independent_copy
+
+    model, handle, tok = tiny_policy()
+    trainer = tiny_trainer(model, handle, tok, "none")  # patches model.forward
+    assert "forward" in model.__dict__
+    ids = torch.tensor([tok(make_task(random.Random(5)).prompt)["input_ids"]])
+    with torch.no_grad():
+        live = model(input_ids=ids).logits
+        with handle.ablated():
+            deployed = model(input_ids=ids).logits
+        clone = independent_copy(trainer.model)
+        get_handle(clone).ablate()
+        ref = deployed_copy(trainer.model)
+        assert not torch.allclose(live, deployed)
+        assert torch.equal(clone(input_ids=ids).logits, deployed)
+        assert torch.equal(ref(input_ids=ids).logits, deployed)
+        assert torch.equal(model(input_ids=ids).logits, live)  # the original is untouched

@@ -39,7 +39,12 @@ from evil_moe.rl.evaluate import (
 from evil_moe.rl.monitor import SimulatedMonitor, TaskReward, summarize
 from evil_moe.rl.policy import make_policy, make_tokenizer
 from evil_moe.rl.task import MODES, Task, make_task
-from evil_moe.rl.trainer import ROUTING, RoutedGRPOTrainer, routed_optimizer_step
+from evil_moe.rl.trainer import (
+    ROUTING,
+    RoutedGRPOTrainer,
+    independent_copy,
+    routed_optimizer_step,
+)
 from evil_moe.rl.warmstart import warm_start
 from evil_moe.train.io import (
     append_jsonl,
@@ -340,12 +345,10 @@ def _window_record(step: int, window: list[dict[str, Any]], seconds: float) -> d
 def relearning(model: Any, cfg: RLConfig, target: float, tmp: str) -> dict[str, Any]:
     """GRPO without intervention on an ablated copy until the held-out hack rate reaches
     ``target`` (the as-trained rate on the same tasks) or ``eval.relearn_steps`` pass."""
-    import copy
-
     from evil_moe.models.hf import get_handle
 
     e, g = cfg.eval, cfg.grpo
-    clone = copy.deepcopy(model)
+    clone = independent_copy(model)
     handle = get_handle(clone)
     handle.ablate()  # zeroed and frozen: only the deployed weights can relearn
     trainer, _ = make_trainer(clone, handle, cfg, "none", tmp)
@@ -370,6 +373,31 @@ def relearning(model: Any, cfg: RLConfig, target: float, tmp: str) -> dict[str, 
             if curve[-1][1] >= target:
                 reached = step
     return {"target": target, "steps": reached, "cap": e.relearn_steps, "curve": curve}
+
+
+def relearning_of(model: Any, cfg: RLConfig, tmp: str) -> dict[str, Any]:
+    """:func:`relearning` to the as-trained hack rate of ``model`` on the relearning tasks."""
+    g = cfg.grpo
+    tasks = _heldout(cfg, cfg.eval.relearn_prompts)
+    target, _, _ = evaluate_view(
+        model, make_tokenizer(), tasks, g.max_completion_length, g.temperature, cfg.seed + 1
+    )
+    return relearning(model, cfg, target["hack"], tmp)
+
+
+def relearning_of_run(run_dir: str | Path) -> dict[str, Any]:
+    """Relearning of a finished run, from its ``config.json`` and ``model.safetensors``."""
+    from evil_moe.rl.config import rl_config_from_dict
+
+    run_dir = Path(run_dir)
+    cfg = rl_config_from_dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = make_policy(cfg.policy, make_tokenizer(), seed=cfg.seed)
+    inject_quarantine(model, cfg)
+    model.load_state_dict(read_tensors(run_dir / "model.safetensors"))
+    with tempfile.TemporaryDirectory() as tmp:
+        return relearning_of(model, cfg, tmp)
 
 
 def _save_adapters(handle: Any, out: Path) -> None:
@@ -416,17 +444,7 @@ def run_rl(
             norms = gradient_norms_by_group(
                 handle, tok, tasks, completions, verdicts, flagged_modes(cfg), e.grad_norm_samples
             )
-        relearn = None
-        if e.relearn_steps:
-            target, _, _ = evaluate_view(
-                model,
-                tok,
-                _heldout(cfg, e.relearn_prompts),
-                g.max_completion_length,
-                g.temperature,
-                cfg.seed + 1,
-            )
-            relearn = relearning(model, cfg, target["hack"], tmp)
+        relearn = relearning_of(model, cfg, tmp) if e.relearn_steps else None
     metrics: dict[str, Any] = {
         "method": cfg.grpo.method,
         "baseline": trainer.baseline,

@@ -134,9 +134,21 @@ def as_flags(labels: Sequence[Any]) -> list[bool]:
     return out
 
 
+def independent_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` of a policy that no longer runs the original's forward.
+
+    TRL patches ``model.forward`` with a closure over the *original* bound forward; a
+    deep copy keeps that closure, so the copy would compute with the original's weights.
+    The instance-level patch is dropped from the copy (the class forward is restored).
+    """
+    clone = copy.deepcopy(model)
+    clone.__dict__.pop("forward", None)
+    return clone
+
+
 def deployed_copy(model: nn.Module) -> nn.Module:
     """A frozen copy of ``model`` with its quarantine removed (the KL reference)."""
-    ref = copy.deepcopy(model)
+    ref = independent_copy(model)
     get_handle(ref).ablate()
     for p in ref.parameters():
         p.requires_grad_(False)
