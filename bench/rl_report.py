@@ -43,8 +43,12 @@ def _metric(m: dict[str, Any], key: str) -> float | None:
         return r["steps"] if r["steps"] is not None else r["cap"] + 1
     if key.startswith("warm."):
         return m["warm_start"]["heldout"][key[5:]]
-    view, _, name = key.partition(".")
-    s = m[view] if view in VIEWS else m["forget_scale"][view]
+    if key.startswith("scale:"):  # "scale:<s>:<rate>"
+        _, scale, name = key.split(":")
+        s = m["forget_scale"][scale]
+    else:
+        view, _, name = key.partition(".")
+        s = m[view]
     return s["hack_by_mode"][name] if name in MODES else s[name]
 
 
@@ -52,12 +56,12 @@ def _interval(values: list[float | None]) -> dict[str, Any]:
     return t_interval([v for v in values if v is not None]).to_dict()
 
 
-def _fmt(iv: dict[str, Any]) -> str:
+def _fmt(iv: dict[str, Any], spec: str = ".3f") -> str:
     if iv["mean"] is None:
         return "n/a"
     if iv["lo"] is None:
-        return f"{iv['mean']:.3f}"
-    return f"{iv['mean']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}]"
+        return f"{iv['mean']:{spec}}"
+    return f"{iv['mean']:{spec}} [{iv['lo']:{spec}}, {iv['hi']:{spec}}]"
 
 
 def summarize_arms(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
@@ -71,7 +75,7 @@ def summarize_arms(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]
         scales = sorted(ms[0]["forget_scale"], key=float)
         row["forget_scale"] = {
             s: {
-                k: _interval([_metric(m, f"{s}.{k}") for m in ms])
+                k: _interval([_metric(m, f"scale:{s}:{k}") for m in ms])
                 for k in ("hack", "solve", *MODES)
             }
             for s in scales
@@ -230,7 +234,7 @@ def _markdown(report: dict[str, Any]) -> str:
     rows = []
     for arm, r in arms.items():
         n = r["gradient_norms_by_group"]
-        rows.append([arm, *(_fmt(n.get(k, {"mean": None})) for k in sorted(n))])
+        rows.append([arm, *(_fmt(n.get(k, {"mean": None}), ".1e") for k in sorted(n))])
     first = next(iter(arms.values()), {})
     lines += _table(["arm", *sorted(first.get("gradient_norms_by_group", {}))], rows)
     lines += ["", "## Cost", ""]

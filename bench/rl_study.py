@@ -8,7 +8,8 @@ flagged modes, one mode never flagged), and the mechanisms, each with its own co
 ``sgtm_amplify`` (vs ``sgtm``), ``sgtm_baseline_all`` (vs ``sgtm``), ``sgtm_qlr10`` (the
 quarantine at 10x the learning rate) vs ``none_qlr10`` (the same quarantine, no
 routing); and a positive control with a perfect monitor on the flagged modes,
-``sgtm_recall1`` vs ``penalty_recall1``. All arms of a seed share one warm start
+``sgtm_recall1`` vs ``penalty_recall1``; and the amplifier without any flag
+(``sgtm_amplify_recall0``, recall 0) as the amplifier's own control. All arms of a seed share one warm start
 (``warmstart_cache``).
 
 Resumable: finished runs (``runs/<arm>-s<seed>/metrics.json``) are skipped, killed ones
@@ -41,6 +42,8 @@ ARMS: dict[str, list[str]] = {
     "none_qlr10": ["grpo.method=none", "quarantine.lr_multiplier=10"],
     # positive control: a perfect monitor on the flagged modes (always_equal still unflagged)
     "sgtm_recall1": ["grpo.method=sgtm", "monitor.recall=1.0"],
+    # the amplifier with no flags at all: does it absorb hacking without the monitor?
+    "sgtm_amplify_recall0": ["grpo.method=sgtm", "quarantine.amplify=true", "monitor.recall=0.0"],
     "penalty_recall1": ["grpo.method=penalty", "monitor.recall=1.0"],
 }
 #: (treatment, control, what the contrast isolates)
@@ -50,6 +53,7 @@ CONTRASTS = [
     ("gradient_routing", "penalty", "gradient routing vs the reward penalty"),
     ("filter", "penalty", "filtering vs the reward penalty"),
     ("sgtm_amplify", "sgtm", "absorption amplifier"),
+    ("sgtm_amplify", "sgtm_amplify_recall0", "the monitor's flags, under the amplifier"),
     ("sgtm_baseline_all", "sgtm", "flagged completions in the unflagged baseline"),
     (
         "sgtm_qlr10",
