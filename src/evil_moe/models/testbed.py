@@ -50,6 +50,8 @@ class TestbedConfig:
     n_experts: int = 1
     #: width of the shared always-on expert (0 = none); it stays at deployment
     shared_expert_width: int = 0
+    #: the shared expert is trained by every token, forget tokens included (not masked)
+    shared_expert_open: bool = False
     activation: str = "gelu"
     #: which quarantine expert takes each routed token's gradient (decided in backward)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -194,6 +196,7 @@ class Block(nn.Module):
             gate=cfg.gate,
             init_std=cfg.init_std,
             out_init_std=out_std,
+            shared_expert_open=cfg.shared_expert_open,
         )
 
     def forward(self, x: Tensor, plan: RoutingPlan) -> Tensor:

@@ -34,8 +34,10 @@ ROUTE_NAMES = {label.name.lower(): int(label) for label in RouteLabel}
 
 #: How routing acts. ``none``: standard training (labels ignored); ``sgtm``: selective
 #: gradient masking of parameters; ``gradient_routing``: detach the shared activations of
-#: forget tokens (Cloud et al.); ``demix``: hard forward dispatch (negative control).
-SEMANTICS = ("none", "sgtm", "gradient_routing", "demix")
+#: forget tokens (Cloud et al.); ``demix``: hard forward dispatch (negative control);
+#: ``demix_masked``: hard dispatch plus SGTM's masking of every routed shared parameter, so
+#: that it differs from ``sgtm`` in the dispatch alone.
+SEMANTICS = ("none", "sgtm", "gradient_routing", "demix", "demix_masked")
 
 
 @dataclass
@@ -105,8 +107,10 @@ def make_plan(
     elif semantics == "gradient_routing":
         plan.shared_cotangent = keep(forget, any_forget)
         plan.quarantine_on = keep(retain, any_retain)
-    elif semantics == "demix":
+    elif semantics in ("demix", "demix_masked"):
         # Forget tokens see only the quarantine, everything else only the shared path.
         plan.shared_on = keep(forget, any_forget)
         plan.quarantine_on = (forget.to(dtype)).unsqueeze(1)
+        if semantics == "demix_masked":
+            plan.shared_grad = keep(forget, any_forget)
     return plan

@@ -25,7 +25,7 @@ from evil_moe.study.spec import canonical_json
 from evil_moe.train.config import RunConfig, config_from_dict
 
 #: methods whose deployed model is the ablated one (they have a routed quarantine)
-ROUTED_METHODS = ("sgtm", "gradient_routing", "demix")
+ROUTED_METHODS = ("sgtm", "gradient_routing", "demix", "demix_masked")
 
 
 def deployed_view(method: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from evil_moe.models.testbed import TestbedConfig
 
-METHODS = ("none", "filter", "sgtm", "gradient_routing", "demix")
+METHODS = ("none", "filter", "sgtm", "gradient_routing", "demix", "demix_masked")
 CORPORA = ("bilingual", "hacks", "jsonl", "hf")
 
 

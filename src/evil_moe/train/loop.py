@@ -43,6 +43,7 @@ METHOD_SEMANTICS = {
     "sgtm": "sgtm",
     "gradient_routing": "gradient_routing",
     "demix": "demix",
+    "demix_masked": "demix_masked",
 }
 
 
@@ -98,13 +99,17 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
 
 
 def unrouted_names(model: Testbed) -> set[str]:
-    """Shared parameters that every token trains (embeddings / norms when not routed)."""
+    """Shared parameters that every token trains (embeddings / norms when not routed, an
+    open shared expert)."""
     names = set()
     for name, _ in model.named_parameters():
         is_embedding = name in ("wte.weight", "wpe.weight")
         is_norm = "norm" in name
-        if (is_embedding and not model.cfg.route_embeddings) or (
-            is_norm and not model.cfg.route_norms
+        is_open_expert = ".shared_expert." in name and model.cfg.shared_expert_open
+        if (
+            (is_embedding and not model.cfg.route_embeddings)
+            or (is_norm and not model.cfg.route_norms)
+            or is_open_expert
         ):
             names.add(name)
     return names
