@@ -33,13 +33,18 @@ def deployed_view(method: str) -> str:
     return "ablated" if method in ROUTED_METHODS else "trained"
 
 
-def seen_tokens(seqs: TokenSequences, batch_size: int, seed: int, steps: int) -> dict[str, int]:
-    """Training tokens per category that ``steps`` batches actually contain (exposure).
+def seen_tokens(seqs: TokenSequences, cfg: RunConfig) -> dict[str, int]:
+    """Training tokens per category that the run's batches actually contain (exposure).
 
     Uses the loop's own deterministic batch order (:class:`BatchIterator`), so this is
-    exact: with fixed steps a run sees only part of its data, or some of it twice.
+    exact: with fixed steps a run sees only part of its data, or some of it twice; with
+    ``train.epochs`` every sequence exactly that many times.
     """
-    batches = BatchIterator(seqs, batch_size, seed=seed)
+    from evil_moe.train.loop import total_steps
+
+    t = cfg.train
+    batches = BatchIterator(seqs, t.batch_size, seed=t.seed, epochs=t.epochs or None)
+    steps = total_steps(cfg, len(seqs))
     idx = np.concatenate([batches.indices(s).numpy() for s in range(steps)])
     cats = np.asarray(seqs.category, dtype=object)[idx]
     names, counts = np.unique(cats.astype(str), return_counts=True)
@@ -134,7 +139,7 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
     measure = task["measure"]
     t = cfg.train
     prepared = prepare_run(cfg, cached_data(cfg))
-    exposure = seen_tokens(prepared.train, t.batch_size, t.seed, t.steps)
+    exposure = seen_tokens(prepared.train, cfg)
     result = train(cfg, task.get("run_dir"), progress=False, prepared=prepared)
     model, metrics = result.model, result.metrics
     trained_s = time.perf_counter() - began

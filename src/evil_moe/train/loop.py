@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from evil_moe.data.batching import BatchIterator
-from evil_moe.eval.losses import evaluate_losses
+from evil_moe.data.batching import BatchIterator, steps_for_epochs
+from evil_moe.eval.losses import evaluate_losses, mean_token_loss
 from evil_moe.eval.specialization import gate_statistics, specialization_report
 from evil_moe.models.testbed import Testbed, lm_loss
 from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group, parameter_groups
@@ -72,12 +72,19 @@ class SpikeCounter:
         self.ema = loss if self.ema is None else self.decay * self.ema + (1 - self.decay) * loss
 
 
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+def total_steps(cfg: RunConfig, n_sequences: int) -> int:
+    """Optimizer steps of a run: ``train.steps``, or exact passes with ``train.epochs``."""
+    t = cfg.train
+    return steps_for_epochs(n_sequences, t.batch_size, t.epochs) if t.epochs else t.steps
+
+
+def lr_at(step: int, cfg: RunConfig, steps: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``steps``
+    (default ``train.steps``)."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    span = max(1, t.steps - t.warmup_steps)
+    span = max(1, (steps or t.steps) - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
     ratio = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return t.lr * ratio
@@ -165,9 +172,17 @@ def train(
             log = [r for r in read_jsonl(out / "train_log.jsonl") if r["step"] <= start]
         write_jsonl(out / "train_log.jsonl", log)
 
-    batches = iter(BatchIterator(run.train, t.batch_size, seed=t.seed, start_step=start))
+    steps = total_steps(cfg, len(run.train))
+    batches = iter(
+        BatchIterator(
+            run.train, t.batch_size, seed=t.seed, start_step=start, epochs=t.epochs or None
+        )
+    )
+    # held-out retain loss at 80% of training: with the final one, its last-20% change
+    # says whether the run has converged
+    mark = max(1, round(0.8 * steps))
     bar = tqdm(
-        total=t.steps,
+        total=steps,
         initial=start,
         desc=f"train {t.method}",
         disable=not progress,
@@ -179,11 +194,11 @@ def train(
     train_seconds = 0.0
     recent: list[float] = []
     spikes = SpikeCounter(warmup=t.warmup_steps)
-    for step in range(start, t.steps):
+    for step in range(start, steps):
         began = time.perf_counter()
         batch = next(batches)
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg, steps)
         loss = train_step(model, batch, semantics, ledger)
         skipped = ledger.release_idle()
         norms = clip_grad_norm_by_group(groups, t.grad_clip) if t.grad_clip > 0 else {}
@@ -194,14 +209,20 @@ def train(
         recent.append(loss)
         spikes.update(loss)
         bar.update(1)
-        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+        if (step + 1) % t.log_every == 0 or step + 1 in (steps, mark):
             record = {
                 "step": step + 1,
                 "loss": sum(recent) / len(recent),
-                "lr": lr_at(step, cfg),
+                "lr": lr_at(step, cfg, steps),
                 "grad_norm": norms,
                 "skipped": [k for k, v in skipped.items() if v],
             }
+            if step + 1 == mark:
+                model.eval()
+                record["heldout_retain"] = mean_token_loss(
+                    model, run.eval["retain"].tokens, t.batch_size
+                )
+                model.train()
             recent = []
             log.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
@@ -226,8 +247,10 @@ def train(
         "tokens_per_second": tokens_seen / train_seconds if train_seconds > 0 else None,
         "train_tokens": run.token_counts,
         "parameters": model.num_parameters(),
-        "steps": t.steps,
+        "steps": steps,
+        "epochs": t.epochs or None,
         "final_train_loss": log[-1]["loss"] if log else None,
+        "retain_convergence": _convergence(log, losses),
         "specialization": special,
         "stability": stability,
     }
@@ -237,3 +260,12 @@ def train(
         for stale in (*out.glob("checkpoint-*.safetensors"), out / "checkpoint.json"):
             stale.unlink(missing_ok=True)
     return RunResult(metrics=metrics, model=model, log=log)
+
+
+def _convergence(log: list[dict[str, Any]], losses: dict[str, Any]) -> dict[str, float] | None:
+    """Held-out retain loss (as trained) at 80% of training and at the end, and the change."""
+    at_80 = next((r["heldout_retain"] for r in log if "heldout_retain" in r), None)
+    final = losses.get("retain", {}).get("trained")
+    if at_80 is None or final is None:
+        return None
+    return {"at_80": at_80, "final": final, "last20_change": final - at_80}
