@@ -95,6 +95,45 @@ def routing_statistics(
     }
 
 
+@torch.no_grad()
+def gate_load(model: nn.Module, rows: dict[str, torch.Tensor], batch_size: int) -> dict | None:
+    """Mean soft-gate weight per quarantine expert on held-out tokens of each row.
+
+    Returns per row the expert shares, their coefficient of variation, and the quarantine
+    probability mass; ``None`` when the model has no learned gate.
+    """
+    gates = [m for m in model.modules() if type(m).__name__ == "SoftGate"]
+    if not gates:
+        return None
+    captured: list[torch.Tensor] = []
+    hooks = [g.register_forward_hook(lambda _m, _i, out: captured.append(out)) for g in gates]
+    was_training = model.training
+    model.eval()
+    out: dict[str, Any] = {}
+    try:
+        for name, tokens in rows.items():
+            if tokens.shape[0] == 0:
+                continue
+            captured.clear()
+            for i in range(0, tokens.shape[0], batch_size):
+                model(tokens[i : i + batch_size, :-1])
+            k = captured[0].shape[-1]
+            scales = torch.cat([c.reshape(-1, k).double() for c in captured])
+            mean = scales.mean(dim=0)  # (K + 1) * p_k
+            share = mean / mean.sum() if float(mean.sum()) > 0 else mean
+            cv = float(share.std(unbiased=False) / share.mean()) if k > 1 else 0.0
+            out[name] = {
+                "share": share.tolist(),
+                "cv": cv,
+                "quarantine_mass": float(mean.sum() / (k + 1)),
+            }
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return out
+
+
 def gate_statistics(model: nn.Module) -> dict[str, float] | None:
     """Scale (std) of the learned gates' logits in the last forward pass."""
     scales = [m.logit_scale for m in model.modules() if type(m).__name__ == "SoftGate"]

@@ -249,12 +249,24 @@ class Testbed(nn.Module):
         return out
 
     def num_parameters(self) -> dict[str, int]:
-        """Parameter counts: shared (deployed) and quarantine (ablated)."""
+        """Parameter counts: shared (deployed), quarantine (ablated), and the quarantine
+        parameters whose per-expert gradients a backward router assigns."""
         from evil_moe.modules.ablation import quarantine_parameters
 
         quarantine = sum(p.numel() for p in quarantine_parameters(self).values())
         total = sum(p.numel() for p in self.parameters())
-        return {"total": total, "shared": total - quarantine, "quarantine": quarantine}
+        controlled = sum(
+            p.numel()
+            for block in self.blocks
+            if block.mlp.router is not None and block.mlp.router.policy != "all"
+            for p in block.mlp.experts.quarantine_parameters().values()
+        )
+        return {
+            "total": total,
+            "shared": total - quarantine,
+            "quarantine": quarantine,
+            "router_controlled": controlled,
+        }
 
 
 def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
