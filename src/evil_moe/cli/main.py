@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from evil_moe.study.analysis import analyse
-    from evil_moe.study.report import verdict_table, write_report
+    from evil_moe.study.report import verdict_rows, write_report
     from evil_moe.study.runner import run_study, threads_per_worker
     from evil_moe.study.spec import expand, load_spec, unique_runs
     from evil_moe.study.store import ResultStore
@@ -115,14 +115,17 @@ def cmd_study(args: argparse.Namespace) -> int:
         analysis = analyse(spec, store.runs())
     finally:
         store.close()
-    paths = write_report(analysis, out, source)
-    _, rows = verdict_table(analysis)
+    command = " ".join(["evil-moe", *sys.argv[1:]]) if sys.argv[1:] else ""
+    paths = write_report(analysis, out, source, command)
     print(
         format_table(
-            ["#", "variants", "note", "verdict", "effect (mean [95% CI])"],
-            [[r[0], r[3], r[2], r[6], r[5]] for r in rows],
+            ["claim", "variant vs reference", "metric", "difference (mean [95% CI])", "verdict"],
+            verdict_rows(analysis),
         )
     )
+    if not analysis.verdicts_issued:
+        failed_gates = [g["gate"] for g in analysis.gates if not g["passed"]]
+        print(f"no verdict issued: validity gate(s) failed: {'; '.join(failed_gates)}")
     print(f"wrote {paths['html']}, {paths['md']}, {paths['json']}")
     if analysis.missing:
         print(
@@ -151,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "store each finished run in DIR/results.sqlite, then write DIR/report.html, "
         "DIR/report.md and DIR/verdicts.json. Running the same command again resumes.",
     )
-    s.add_argument("--preset", default="quick", help="quick (default), full, or a TOML file")
+    s.add_argument(
+        "--preset", default="quick", help="quick (default), settle, full, or a TOML file"
+    )
     s.add_argument("--out", required=True, help="study directory (results store and report)")
     s.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU cores)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

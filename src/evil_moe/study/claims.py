@@ -22,6 +22,7 @@ gate passes:
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -46,6 +47,7 @@ class Claim:
     metric: str
     expect: str  # "helps" or "hurts"
     text: str
+    needs: str = ""  # "" or "instability"
 
 
 def load_claims() -> tuple[list[dict[str, Any]], list[Claim]]:
@@ -53,8 +55,8 @@ def load_claims() -> tuple[list[dict[str, Any]], list[Claim]]:
     data = tomllib.loads(resources.files("evil_moe.study").joinpath("claims.toml").read_text())
     claims = [Claim(**c) for c in data["claims"]]
     for c in claims:
-        if c.expect not in ("helps", "hurts"):
-            raise ValueError(f"claim {c.id}: expect must be helps or hurts, got {c.expect!r}")
+        if c.expect not in ("helps", "hurts") or c.needs not in ("", "instability"):
+            raise ValueError(f"claim {c.id}: bad expect {c.expect!r} or needs {c.needs!r}")
     return data["rows"], claims
 
 
@@ -110,6 +112,13 @@ def evaluate(a: Analysis) -> None:
             entry.update(verdict="not in this study", reason=f"no runs of {', '.join(missing)}")
             entries.append(entry)
             continue
+        if c.needs == "instability" and not _unstable(a.rows, c.reference):
+            entry.update(
+                verdict="inconclusive",
+                reason=f"{c.reference} never spiked or diverged: no instability to stabilise",
+            )
+            entries.append(entry)
+            continue
         diffs, censored = paired(a.rows, c.variant, c.reference, c.metric)
         sign = (1 if helpful == "higher" else -1) * (1 if c.expect == "helps" else -1)
         test = claim_test([sign * d for d in diffs], entry["delta"], v.confidence)
@@ -144,6 +153,18 @@ def evaluate(a: Analysis) -> None:
     a.table = table
     a.gates = gates(a)
     a.verdicts_issued = all(g["passed"] for g in a.gates)
+
+
+def _unstable(rows: list[RunRow], name: str) -> bool:
+    """Did any run of ``name`` spike or diverge (non-finite final training loss)?"""
+    for r in rows:
+        if r.name != name:
+            continue
+        final = r.record["result"]["metrics"].get("final_train_loss")
+        diverged = final is not None and not math.isfinite(final)
+        if (r.values.get("loss_spikes") or 0) > 0 or diverged:
+            return True
+    return False
 
 
 def _values(rows: list[RunRow], name: str, metric: str) -> list[float | None]:

@@ -148,6 +148,23 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def verdict_rows(a: Analysis) -> list[list[str]]:
+    """One printable row per claim: id, contrast, metric, difference, verdict."""
+    rows = []
+    for c in a.claims:
+        verdict = c["verdict"] if a.verdicts_issued or "test" not in c else f"({c['verdict']})"
+        rows.append(
+            [
+                f"{c['row']}{c['id'][1:]}",
+                f"{c['variant']} vs {c['reference']}",
+                c["metric"],
+                _iv(c.get("difference")),
+                verdict,
+            ]
+        )
+    return rows
+
+
 def write_report(
     a: Analysis, out: str | Path, source: str = "", command: str = ""
 ) -> dict[str, Path]:

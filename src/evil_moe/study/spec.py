@@ -315,7 +315,7 @@ def validate_spec(spec: StudySpec) -> None:
     if len(set(names)) != len(names):
         raise StudyError("grid: two blocks have the same name")
     for block in spec.grid:
-        _check_block(block, known, f"grid {block.name!r}")
+        _check_block(block, known, f"grid[{block.name}]")
     if "single" not in spec.variants_in():
         raise StudyError("grid: 'single' (the SGTM reference of most claims) is required")
     corpora = {c for block in spec.grid for c in block.corpora}

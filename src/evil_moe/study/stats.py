@@ -10,7 +10,8 @@ least a minimum effect ``delta``. With ``c`` the per-pair effect in the claimed 
   the reverse).
 
 The p-values of all planned claims' tests are adjusted together by Holm's step-down
-method. A claim is **refuted** when its adjusted equivalence p-value is below ``alpha``,
+method over the claims (:func:`holm_by_claim`: a claim's two nulls are mutually
+exclusive, so each step multiplies by the number of claims still in play). A claim is **refuted** when its adjusted equivalence p-value is below ``alpha``,
 **supported** when its adjusted superiority p-value is and it is not refuted, and
 **inconclusive** otherwise.
 """
@@ -120,10 +121,29 @@ def claim_test(claimed: Sequence[float], delta: float, confidence: float = 0.95)
     )
 
 
+def holm_by_claim(pvalues: Sequence[tuple[int, float | None]]) -> list[float | None]:
+    """Holm's step-down over claims that each carry two mutually exclusive nulls.
+
+    ``pvalues`` holds ``(claim index, p)``. A claim's superiority and equivalence nulls
+    cannot both be true, so at each step the multiplier is the number of *claims* still
+    represented among the unrejected hypotheses (Shaffer's refinement of Holm), not the
+    number of hypotheses: with one claim nothing is inflated, with m claims the first
+    step multiplies by m.
+    """
+    present = sorted((p, i, claim) for i, (claim, p) in enumerate(pvalues) if p is not None)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i, _) in enumerate(present):
+        remaining = len({claim for _, _, claim in present[rank:]})
+        running = max(running, min(1.0, remaining * p))
+        out[i] = running
+    return out
+
+
 def adjust(tests: Sequence[ClaimTest]) -> None:
-    """Holm-adjust the superiority and equivalence p-values of all ``tests`` together."""
-    flat = [p for t in tests for p in (t.p_superiority, t.p_equivalence)]
-    adjusted = holm(flat)
+    """Adjust the superiority and equivalence p-values of all ``tests`` together."""
+    flat = [(i, p) for i, t in enumerate(tests) for p in (t.p_superiority, t.p_equivalence)]
+    adjusted = holm_by_claim(flat)
     for i, t in enumerate(tests):
         t.p_superiority_adjusted = adjusted[2 * i]
         t.p_equivalence_adjusted = adjusted[2 * i + 1]
