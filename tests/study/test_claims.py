@@ -173,7 +173,8 @@ def _row(name, seed, values, block="b", corpus="bilingual", censored=()):
 
 
 def _analysis(rows):
-    spec = StudySpec(grid=[GridBlock(name="b")])
+    blocks = list(dict.fromkeys(r.run.block for r in rows))
+    spec = StudySpec(grid=[GridBlock(name=b) for b in blocks])
     a = Analysis(spec, {}, [], {}, rows, [], [], [])
     evaluate(a)
     return a
@@ -205,7 +206,7 @@ def test_claims_pair_by_seed_and_decide_against_their_own_reference():
     a = _analysis(rows)
     assert a.verdicts_issued
     by_id = {c["id"]: c for c in a.claims}
-    assert by_id["7a"]["verdict"] == "supported"
+    assert by_id["7a"]["verdict"] == "supported" and by_id["7a"]["block"] == "b"
     assert by_id["7a"]["difference"]["mean"] == pytest.approx(0.3 + 0.005, abs=1e-9)
     assert by_id["2a"]["verdict"] == "refuted"
     assert by_id["1a"]["verdict"] == "not in this study"
@@ -276,3 +277,21 @@ def test_gates_fail_on_broken_studies_and_withhold_verdicts(broken):
     assert expected in failed and not a.verdicts_issued
     assert len(failed) == (2 if broken == "oracle" else 1)  # random is judged against oracle
     assert all(g["passed"] for g in gates(_analysis(_valid_controls())))
+
+
+def test_a_claim_is_decided_separately_in_each_block():
+    """Two regimes (blocks) give two decisions, never one pooled over both."""
+    rows = _valid_controls()
+    for block, gap in (("low_recall", 0.3), ("high_recall", 0.0)):
+        rows += [_row("single", s, {"leakage": 0.4 + 0.05 * s}, block=block) for s in range(6)]
+        rows += [
+            _row(
+                "demix_masked",
+                s,
+                {"leakage": 0.4 + 0.05 * s + gap + 0.001 * (-1) ** s},
+                block=block,
+            )
+            for s in range(6)
+        ]
+    decided = {c["block"]: c["verdict"] for c in _analysis(rows).claims if c["id"] == "7a"}
+    assert decided == {"low_recall": "supported", "high_recall": "refuted"}

@@ -119,7 +119,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     paths = write_report(analysis, out, source, command)
     print(
         format_table(
-            ["claim", "variant vs reference", "metric", "difference (mean [95% CI])", "verdict"],
+            ["claim", "block", "variant vs reference", "metric", "difference [95% CI]", "verdict"],
             verdict_rows(analysis),
         )
     )

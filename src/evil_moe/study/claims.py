@@ -1,7 +1,9 @@
 """Claims, verdicts and validity gates: does the study answer MISSION.md's table?
 
-The claims are data (``claims.toml`` beside this file). Each is decided on seed-paired
-differences ``d = metric(variant) - metric(reference)`` by the rule of
+The claims are data (``claims.toml`` beside this file). Each is decided, separately in
+every grid block where both its variant and its reference ran (a block is one regime: a
+corpus and recall, or a sweep), on seed-paired differences
+``d = metric(variant) - metric(reference)`` by the rule of
 :mod:`evil_moe.study.stats` (two one-sided t-tests against 0 and the preset's minimum
 effect ``delta``, Holm-adjusted over every claim the study can test), then two guards:
 
@@ -101,40 +103,59 @@ def evaluate(a: Analysis) -> None:
     entries, tests = [], []
     for c in claims:
         helpful = METRICS[c.metric][1]
-        entry: dict[str, Any] = {
+        base: dict[str, Any] = {
             **c.__dict__,
             "metric_label": METRICS[c.metric][0],
             "helpful": helpful,
             "delta": v.delta_of(c.metric),
+            "block": None,
         }
         missing = [n for n in (c.variant, c.reference) if n not in names]
         if missing:
-            entry.update(verdict="not in this study", reason=f"no runs of {', '.join(missing)}")
-            entries.append(entry)
+            entries.append(
+                base
+                | {"verdict": "not in this study", "reason": f"no runs of {', '.join(missing)}"}
+            )
             continue
-        if c.needs == "instability" and not _unstable(a.rows, c.reference):
+        found = False
+        for block in a.spec.grid:
+            rows = [r for r in a.rows if r.run.block == block.name]
+            diffs, censored = paired(rows, c.variant, c.reference, c.metric)
+            if not diffs:
+                continue
+            found = True
+            entry = base | {"block": block.name}
+            if c.needs == "instability" and not _unstable(rows, c.reference):
+                entry.update(
+                    verdict="inconclusive",
+                    reason=f"{c.reference} never spiked or diverged: no instability to stabilise",
+                )
+                entries.append(entry)
+                continue
+            sign = (1 if helpful == "higher" else -1) * (1 if c.expect == "helps" else -1)
+            test = claim_test([sign * d for d in diffs], entry["delta"], v.confidence)
+            cost, _ = paired(rows, c.variant, c.reference, "retain_cost")
+            forget, _ = paired(rows, c.variant, c.reference, "forget_loss")
+            sizes = (_quarantine_size(rows, c.variant), _quarantine_size(rows, c.reference))
             entry.update(
-                verdict="inconclusive",
-                reason=f"{c.reference} never spiked or diverged: no instability to stabilise",
+                difference=t_interval(diffs, v.confidence).to_dict(),
+                censored_pairs=censored,
+                retain_cost_difference=t_interval(cost, v.confidence).to_dict(),
+                forget_loss_difference=t_interval(forget, v.confidence).to_dict(),
+                equal_quarantine=sizes[0] == sizes[1],
+                quarantine_parameters=list(sizes),
             )
             entries.append(entry)
-            continue
-        diffs, censored = paired(a.rows, c.variant, c.reference, c.metric)
-        sign = (1 if helpful == "higher" else -1) * (1 if c.expect == "helps" else -1)
-        test = claim_test([sign * d for d in diffs], entry["delta"], v.confidence)
-        cost, _ = paired(a.rows, c.variant, c.reference, "retain_cost")
-        forget, _ = paired(a.rows, c.variant, c.reference, "forget_loss")
-        sizes = (_quarantine_size(a.rows, c.variant), _quarantine_size(a.rows, c.reference))
-        entry.update(
-            difference=t_interval(diffs, v.confidence).to_dict(),
-            censored_pairs=censored,
-            retain_cost_difference=t_interval(cost, v.confidence).to_dict(),
-            forget_loss_difference=t_interval(forget, v.confidence).to_dict(),
-            equal_quarantine=sizes[0] == sizes[1],
-            quarantine_parameters=list(sizes),
-        )
-        entries.append(entry)
-        tests.append((entry, test))
+            tests.append((entry, test))
+        if not found:
+            entries.append(
+                base
+                | {
+                    "verdict": "inconclusive",
+                    "reason": f"no block has pairs of {c.variant} and {c.reference} "
+                    f"with {c.metric} values",
+                }
+            )
     adjust([t for _, t in tests])
     for entry, test in tests:
         verdict, rule = decide(test, alpha)

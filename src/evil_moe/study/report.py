@@ -78,7 +78,11 @@ def context(a: Analysis, source: str, command: str = "") -> dict[str, Any]:
     rows = []
     for row in a.table:
         claims = [c for c in a.claims if c["row"] == row["row"]]
-        rows.append({**row, "claims": claims, "headline": claims[0]["verdict"] if claims else None})
+        first = [c for c in claims if claims and c["id"] == claims[0]["id"]]
+        headline = "; ".join(
+            f"{c['verdict']}" + (f" ({c['block']})" if c["block"] else "") for c in first
+        )
+        rows.append({**row, "claims": claims, "headline": headline or None})
     return {
         "study": spec.study.name,
         "description": spec.study.description,
@@ -155,7 +159,8 @@ def verdict_rows(a: Analysis) -> list[list[str]]:
         verdict = c["verdict"] if a.verdicts_issued or "test" not in c else f"({c['verdict']})"
         rows.append(
             [
-                f"{c['row']}{c['id'][1:]}",
+                c["id"],
+                c["block"] or "",
                 f"{c['variant']} vs {c['reference']}",
                 c["metric"],
                 _iv(c.get("difference")),
