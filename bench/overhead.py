@@ -21,7 +21,8 @@ import time
 import torch
 
 from evil_moe.models.testbed import Testbed, TestbedConfig, lm_loss
-from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group, parameter_groups
+from evil_moe.modules.ablation import parameter_groups
+from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group
 from evil_moe.routing.routers import RouterConfig
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import torch
 
 from evil_moe.models import testbed as tb
-from evil_moe.modules.ablation import quarantine_parameters
+from evil_moe.modules.ablation import parameter_groups, quarantine_parameters
 from evil_moe.routing.labels import RouteLabel
 from evil_moe.routing.optim import (
     ParameterGroups,
     StepLedger,
     clip_grad_norm_by_group,
-    parameter_groups,
 )
 
 EMBEDDINGS = {"wte.weight", "wpe.weight"}

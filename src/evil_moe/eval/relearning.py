@@ -20,8 +20,8 @@ import torch
 from evil_moe.data.batching import BatchIterator, TokenSequences
 from evil_moe.eval.losses import mean_token_loss
 from evil_moe.models.testbed import Testbed
-from evil_moe.modules.ablation import ablate
-from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group, parameter_groups
+from evil_moe.modules.ablation import ablate, parameter_groups
+from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group
 from evil_moe.train.config import RunConfig
 
 

@@ -49,6 +49,7 @@ from evil_moe.models.adapters import (
 )
 from evil_moe.modules.ablation import ablate as _ablate
 from evil_moe.modules.ablation import ablated as _ablated
+from evil_moe.modules.ablation import parameter_groups
 from evil_moe.modules.ablation import quarantine_parameters as _quarantine_parameters
 from evil_moe.modules.experts import ACTIVATIONS
 from evil_moe.routing.labels import RouteLabel
@@ -56,7 +57,6 @@ from evil_moe.routing.optim import (
     ParameterGroups,
     StepLedger,
     clip_grad_norm_by_group,
-    parameter_groups,
 )
 from evil_moe.routing.routers import BackwardRouter, RouterConfig
 

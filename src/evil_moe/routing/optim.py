@@ -20,12 +20,12 @@ carries none either.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from evil_moe.modules.ablation import quarantine_parameters
 from evil_moe.routing.labels import RouteLabel
 
 
@@ -44,20 +44,28 @@ class ParameterGroups:
     def shared(self) -> list[nn.Parameter]:
         return self.routed_shared + self.open_shared
 
+    @classmethod
+    def split(
+        cls,
+        model: nn.Module,
+        quarantine: Iterable[nn.Parameter],
+        unrouted: Collection[str] = (),
+    ) -> ParameterGroups:
+        """Split ``model``'s parameters: ``quarantine`` are the ablated ones, ``unrouted``
+        names shared parameters open to all tokens, every other one is routed shared.
 
-def parameter_groups(model: nn.Module, unrouted: set[str] | None = None) -> ParameterGroups:
-    """Split ``model``'s parameters; ``unrouted`` names shared parameters open to all tokens."""
-    unrouted = unrouted or set()
-    quarantine = {id(p) for p in quarantine_parameters(model).values()}
-    groups = ParameterGroups()
-    for name, p in model.named_parameters():
-        if id(p) in quarantine:
-            groups.quarantine.append(p)
-        elif name in unrouted:
-            groups.open_shared.append(p)
-        else:
-            groups.routed_shared.append(p)
-    return groups
+        :func:`evil_moe.modules.ablation.parameter_groups` finds the quarantine itself.
+        """
+        ids = {id(p) for p in quarantine}
+        groups = cls()
+        for name, p in model.named_parameters():
+            if id(p) in ids:
+                groups.quarantine.append(p)
+            elif name in unrouted:
+                groups.open_shared.append(p)
+            else:
+                groups.routed_shared.append(p)
+        return groups
 
 
 class StepLedger:

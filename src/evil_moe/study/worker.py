@@ -20,7 +20,7 @@ from evil_moe.data.batching import BatchIterator, PreparedData, TokenSequences
 from evil_moe.eval.gradnorms import data_groups, group_gradient_norms
 from evil_moe.eval.relearning import relearning_steps
 from evil_moe.models.testbed import Testbed
-from evil_moe.routing.optim import parameter_groups
+from evil_moe.modules.ablation import parameter_groups
 from evil_moe.study.spec import canonical_json
 from evil_moe.train.config import RunConfig, config_from_dict
 

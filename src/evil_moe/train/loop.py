@@ -23,7 +23,8 @@ from evil_moe.data.batching import BatchIterator
 from evil_moe.eval.losses import evaluate_losses
 from evil_moe.eval.specialization import gate_statistics, specialization_report
 from evil_moe.models.testbed import Testbed, lm_loss
-from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group, parameter_groups
+from evil_moe.modules.ablation import parameter_groups
+from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group
 from evil_moe.train.config import RunConfig
 from evil_moe.train.io import (
     append_jsonl,
