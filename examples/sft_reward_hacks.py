@@ -23,7 +23,7 @@ from evil_moe.data.hacks import HACK_MODES, generate_hack_corpus
 from evil_moe.data.monitor import Monitor
 from evil_moe.data.tokenizer import EOT_ID, encode_texts, train_tokenizer
 from evil_moe.models.hf import inject
-from evil_moe.routing.labels import ROUTE_NAMES
+from evil_moe.routing.labels import ROUTE_NAMES, parse_route_labels
 from evil_moe.routing.optim import clip_grad_norm_by_group
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     tokenizer = train_tokenizer([d.text for d in train_docs], args.vocab_size)
     ids, labels = encode(tokenizer, train_docs, args.seq_len)
     eval_ids, eval_labels = encode(tokenizer, eval_docs, args.seq_len)
-    route = torch.tensor([ROUTE_NAMES[ld.route] for ld in labelled])
+    route = parse_route_labels([ld.route for ld in labelled])
     modes = torch.tensor([d.mode if d.mode > 0 else -1 for d in train_docs])
     eval_modes = torch.tensor([d.mode for d in eval_docs])
     counts = {r: int((route == c).sum()) for r, c in ROUTE_NAMES.items()}

@@ -26,7 +26,9 @@ __version__ = "0.1.0"
 #: public name -> the subpackage that defines it
 _EXPORTS: dict[str, str] = {
     # route labels and the routing plan
+    "Method": "routing",
     "RouteLabel": "routing",
+    "parse_route_labels": "routing",
     "RoutingPlan": "routing",
     "make_plan": "routing",
     # exact per-token gradient masks (for writing routed layers of one's own)

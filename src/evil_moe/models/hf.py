@@ -52,7 +52,7 @@ from evil_moe.modules.ablation import ablated as _ablated
 from evil_moe.modules.ablation import parameter_groups
 from evil_moe.modules.ablation import quarantine_parameters as _quarantine_parameters
 from evil_moe.modules.experts import ACTIVATIONS
-from evil_moe.routing.labels import RouteLabel
+from evil_moe.routing.labels import Method, RouteLabel, parse_route_labels
 from evil_moe.routing.optim import (
     ParameterGroups,
     StepLedger,
@@ -352,7 +352,7 @@ def inject(
     kind: str = "lora",
     rank: int = 8,
     router: RouterConfig | str | None = None,
-    semantics: str = "sgtm",
+    semantics: Method | str = "sgtm",
     train_base: bool = False,
     activation: str = "gelu",
     init_std: float | None = None,
@@ -377,7 +377,9 @@ def inject(
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
     if semantics not in HF_SEMANTICS:
-        raise ValueError(f"semantics {semantics!r} not supported here; choose from {HF_SEMANTICS}")
+        names = [m.value for m in HF_SEMANTICS]
+        raise ValueError(f"semantics {semantics!r} not supported here; choose from {names}")
+    semantics = Method(semantics).value
     if n_quarantine < 1 or rank < 1:
         raise ValueError(f"n_quarantine and rank must be >= 1, got {n_quarantine}, {rank}")
     if activation not in ACTIVATIONS:
@@ -722,16 +724,21 @@ class RouteLabelCollator:
         ids = batch.get("input_ids")
         length = ids.shape[1] if isinstance(ids, Tensor) and ids.dim() == 2 else None
         for key, values in extra.items():
-            pad = self.pad_route if key == "route_labels" else -1
-            batch[key] = self._stack(values, length, pad)
+            batch[key] = self._stack(key, values, length)
         return batch
 
-    def _stack(self, values: list[Any], length: int | None, pad: int) -> Tensor:
-        rows = [torch.as_tensor(_codes(v)).reshape(-1) if _is_seq(v) else None for v in values]
-        if all(r is None for r in rows):
-            return torch.as_tensor([_codes(v) for v in values], dtype=torch.long)
-        if any(r is None for r in rows):
+    def _stack(self, key: str, values: list[Any], length: int | None) -> Tensor:
+        if key == "route_labels":
+            rows = [parse_route_labels(v, what="route_labels") for v in values]
+            pad = self.pad_route
+        else:
+            rows = [torch.as_tensor(v).long() for v in values]
+            pad = -1
+        if all(r.dim() == 0 for r in rows):
+            return torch.stack(rows)
+        if any(r.dim() == 0 for r in rows):
             raise ValueError("mix of per-sequence and per-token route labels in one batch")
+        rows = [r.reshape(-1) for r in rows]
         width = length if length is not None else max(r.numel() for r in rows)
         out = torch.full((len(rows), width), pad, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -744,19 +751,6 @@ class RouteLabelCollator:
             else:
                 out[i, width - r.numel() :] = r
         return out
-
-
-def _is_seq(v: Any) -> bool:
-    return isinstance(v, list | tuple) or (isinstance(v, Tensor) and v.dim() > 0)
-
-
-def _codes(v: Any) -> Any:
-    names = {label.name.lower(): int(label) for label in RouteLabel}
-    if isinstance(v, str):
-        return names[v]
-    if isinstance(v, list | tuple):
-        return [_codes(u) for u in v]
-    return v
 
 
 class RoutedTrainerMixin:

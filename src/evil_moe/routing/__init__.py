@@ -11,7 +11,15 @@ from evil_moe.routing.functional import (
     routed_module_call,
     routed_scale,
 )
-from evil_moe.routing.labels import ROUTE_NAMES, SEMANTICS, RouteLabel, RoutingPlan, make_plan
+from evil_moe.routing.labels import (
+    ROUTE_NAMES,
+    SEMANTICS,
+    Method,
+    RouteLabel,
+    RoutingPlan,
+    make_plan,
+    parse_route_labels,
+)
 from evil_moe.routing.optim import (
     ParameterGroups,
     StepLedger,
@@ -25,6 +33,7 @@ __all__ = [
     "SEMANTICS",
     "BackwardRouter",
     "DeferredKeep",
+    "Method",
     "ParameterGroups",
     "RouteLabel",
     "RouterConfig",
@@ -33,6 +42,7 @@ __all__ = [
     "clip_grad_norm_by_group",
     "make_plan",
     "mask_cotangent",
+    "parse_route_labels",
     "routed_linear",
     "routed_module_call",
     "routed_scale",

@@ -24,6 +24,7 @@ from evil_moe.eval.losses import evaluate_losses
 from evil_moe.eval.specialization import gate_statistics, specialization_report
 from evil_moe.models.testbed import Testbed, lm_loss
 from evil_moe.modules.ablation import parameter_groups
+from evil_moe.routing.labels import Method
 from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group
 from evil_moe.train.config import RunConfig
 from evil_moe.train.io import (
@@ -36,15 +37,6 @@ from evil_moe.train.io import (
     write_tensors,
 )
 from evil_moe.train.setup import PreparedRun, prepare_run
-
-#: routing semantics used in training for each method
-METHOD_SEMANTICS = {
-    "none": "none",
-    "filter": "none",
-    "sgtm": "sgtm",
-    "gradient_routing": "gradient_routing",
-    "demix": "demix",
-}
 
 
 @dataclass
@@ -144,7 +136,7 @@ def train(
         torch.set_num_threads(t.threads)
     run = prepared if prepared is not None else prepare_run(cfg)
     model = run.model
-    semantics = METHOD_SEMANTICS[t.method]
+    semantics = Method(t.method).semantics
     optimizer = make_optimizer(model, cfg)
     groups = parameter_groups(model, unrouted_names(model))
     ledger = StepLedger(groups, semantics)
