@@ -13,7 +13,7 @@ else is private by convention, even where it has no leading underscore.
         ...                                     # the deployed model
 
 ``import evil_moe`` is cheap: every name is imported from its subpackage on first use,
-and nothing here needs ``transformers`` except :class:`RoutedTrainer`.
+and nothing here needs ``transformers`` except ``RoutedTrainer`` and ``RoutedStepCallback``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ _EXPORTS: dict[str, str] = {
     # the optimizer step
     "ParameterGroups": "routing",
     "StepLedger": "routing",
+    "StepReport": "routing",
     "clip_grad_norm_by_group": "routing",
+    "routed_step": "routing",
     # quarantine modules and ablation
     "FusedExperts": "modules",
     "GateConfig": "modules",
@@ -58,6 +60,7 @@ _EXPORTS: dict[str, str] = {
     "QuarantineConfig": "models",
     "QuarantineHandle": "models",
     "RouteLabelCollator": "models",
+    "RoutedStepCallback": "models",
     "RoutedTrainer": "models",
     "RoutedTrainerMixin": "models",
     "get_handle": "models",

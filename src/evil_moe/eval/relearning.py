@@ -3,7 +3,7 @@
 After a routed run, the quarantine is ablated for good (zeroed and frozen) and the
 deployed model is fine-tuned on forget-domain training data with the training loop's own
 components (:func:`~evil_moe.train.loop.make_optimizer`, :func:`~evil_moe.train.loop.train_step`,
-per-group clipping), unrouted. Every ``eval_every`` steps the held-out forget loss is
+:func:`~evil_moe.routing.optim.routed_step`), unrouted. Every ``eval_every`` steps the held-out forget loss is
 measured; the answer is the first step at which it is back at (or below) the
 pre-ablation loss ``target``, or ``None`` if that did not happen within ``max_steps``
 (the cap is reported with the result). A fast relearner means the removal was shallow.
@@ -21,7 +21,7 @@ from evil_moe.data.batching import BatchIterator, TokenSequences
 from evil_moe.eval.losses import mean_token_loss
 from evil_moe.models.testbed import Testbed
 from evil_moe.modules.ablation import ablate, parameter_groups
-from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group
+from evil_moe.routing.optim import StepLedger, routed_step
 from evil_moe.train.config import RunConfig
 
 
@@ -53,8 +53,7 @@ def relearning_steps(
     ablate(tuned, freeze=True)
     relearn_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, lr=lr or t.lr))
     optimizer = make_optimizer(tuned, relearn_cfg)
-    groups = parameter_groups(tuned, unrouted_names(tuned))
-    ledger = StepLedger(groups, "none")
+    ledger = StepLedger(parameter_groups(tuned, unrouted_names(tuned)), "none")
     batches = iter(BatchIterator(forget_train, t.batch_size, seed=t.seed + 7919))
     tuned.eval()
     start = mean_token_loss(tuned, forget_eval, t.batch_size)
@@ -71,11 +70,7 @@ def relearning_steps(
     for step in range(1, max_steps + 1):
         tuned.train()
         train_step(tuned, next(batches), "none", ledger)
-        ledger.release_idle()
-        if t.grad_clip > 0:
-            clip_grad_norm_by_group(groups, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        routed_step(optimizer, ledger, t.grad_clip)
         if step % eval_every == 0 or step == max_steps:
             tuned.eval()
             loss = mean_token_loss(tuned, forget_eval, t.batch_size)

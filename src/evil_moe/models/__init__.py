@@ -1,8 +1,8 @@
 """Models: the testbed (a small GPT with a quarantine in every block) and quarantine
 injection into any Hugging Face / PyTorch model.
 
-``transformers`` is optional: only :data:`RoutedTrainer` needs it, and it is built on
-first access.
+``transformers`` is optional: only ``RoutedTrainer`` and ``RoutedStepCallback`` need it,
+and they are built on first access.
 """
 
 from typing import Any
@@ -23,6 +23,7 @@ __all__ = [
     "QuarantineConfig",
     "QuarantineHandle",
     "RouteLabelCollator",
+    "RoutedStepCallback",
     "RoutedTrainer",
     "RoutedTrainerMixin",
     "Testbed",
@@ -36,8 +37,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "RoutedTrainer":  # needs transformers: imported on first use
+    if name in ("RoutedTrainer", "RoutedStepCallback"):  # need transformers: built on first use
         from evil_moe.models import hf
 
-        return hf.RoutedTrainer
+        return getattr(hf, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

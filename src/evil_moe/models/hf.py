@@ -19,8 +19,10 @@ plus :class:`RoutedTrainerMixin` (``RoutedTrainer`` = the mixin on ``transformer
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fnmatch
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,11 +55,7 @@ from evil_moe.modules.ablation import parameter_groups
 from evil_moe.modules.ablation import quarantine_parameters as _quarantine_parameters
 from evil_moe.modules.experts import ACTIVATIONS
 from evil_moe.routing.labels import Method, RouteLabel, parse_route_labels
-from evil_moe.routing.optim import (
-    ParameterGroups,
-    StepLedger,
-    clip_grad_norm_by_group,
-)
+from evil_moe.routing.optim import ParameterGroups, StepLedger, StepReport
 from evil_moe.routing.routers import BackwardRouter, RouterConfig
 
 __all__ = [
@@ -759,10 +757,12 @@ class RoutedTrainerMixin:
     * wraps the trainer's data collator in a :class:`RouteLabelCollator` and keeps
       ``route_labels`` / ``route_modes`` through the column filter (the model's forward
       pre-hook consumes them);
-    * records each training micro-batch in a :class:`StepLedger` and, right before
-      ``optimizer.step()``, drops the gradients of groups no token of the step could train
-      (so AdamW moves them neither by momentum nor by weight decay);
-    * clips shared and quarantine gradients separately (``clip_by_group=True``).
+    * records the route labels of each training micro-batch in a :class:`StepLedger`;
+    * adds a ``RoutedStepCallback`` (a ``TrainerCallback``) that, in ``on_pre_optimizer_step``, releases the
+      gradients of groups no token of the step may train (so AdamW moves them neither by
+      momentum nor by weight decay) and clips shared and quarantine gradients separately
+      to ``args.max_grad_norm`` (``clip_by_group=True``; the Trainer's own global clip is
+      then turned off in the trainer's copy of ``args``).
 
     ``class MySFT(RoutedTrainerMixin, SFTTrainer): ...`` puts it on any Trainer subclass.
     """
@@ -779,8 +779,12 @@ class RoutedTrainerMixin:
             self.data_collator = RouteLabelCollator(base=self.data_collator)
         self.quarantine = quarantine if quarantine is not None else get_handle(self.model)
         self.route_ledger = self.quarantine.ledger()
-        self.clip_by_group = clip_by_group
-        self.add_callback(_ledger_callback(self))
+        max_norm = None
+        if clip_by_group and self.args.max_grad_norm > 0:
+            max_norm = self.args.max_grad_norm
+            self.args = copy.copy(self.args)  # the caller's arguments stay as they were
+            self.args.max_grad_norm = 0.0  # no global clip: the callback clips per group
+        self.add_callback(_routed_step_callback()(self.route_ledger, max_norm))
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -792,21 +796,26 @@ class RoutedTrainerMixin:
             self.route_ledger.record(inputs.get("route_labels"))
         return super().compute_loss(model, inputs, *args, **kwargs)
 
-    def _clip_grad_norm(self, model: nn.Module):
-        if not self.clip_by_group:
-            return super()._clip_grad_norm(model)
-        norms = clip_grad_norm_by_group(self.route_ledger.groups, self.args.max_grad_norm)
-        return torch.tensor(sum(v**2 for v in norms.values()) ** 0.5)
 
-
-def _ledger_callback(trainer: RoutedTrainerMixin) -> Any:
+@functools.cache
+def _routed_step_callback() -> type:
     from transformers import TrainerCallback
 
-    class _ReleaseIdle(TrainerCallback):
-        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
-            trainer.route_ledger.release_idle()
+    class RoutedStepCallback(TrainerCallback):
+        """``TrainerCallback`` doing the routed step's work before ``optimizer.step()``:
+        :meth:`~evil_moe.routing.optim.StepLedger.before_step` (release idle groups, clip
+        per group to ``max_norm``). The last step's report is kept in ``report``."""
 
-    return _ReleaseIdle()
+        def __init__(self, ledger: StepLedger, max_norm: float | None = None):
+            self.ledger = ledger
+            self.max_norm = max_norm
+            self.report: StepReport | None = None
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
+            self.report = self.ledger.before_step(self.max_norm)
+
+    RoutedStepCallback.__module__ = __name__
+    return RoutedStepCallback
 
 
 def _make_routed_trainer() -> type:
@@ -821,10 +830,13 @@ def _make_routed_trainer() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "RoutedTrainer":  # built lazily: transformers is an optional dependency
+    # built lazily: transformers is an optional dependency
+    if name == "RoutedTrainer":
         cls = _make_routed_trainer()
         globals()[name] = cls
         return cls
+    if name == "RoutedStepCallback":
+        return _routed_step_callback()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

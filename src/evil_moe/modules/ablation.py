@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from evil_moe.modules.experts import ABLATION_MODES, QuarantineModule, check_experts
+from evil_moe.modules.experts import ABLATION_MODES, QuarantineModule, SoftGate, check_experts
 from evil_moe.routing.optim import ParameterGroups
 
 
@@ -33,8 +33,12 @@ def quarantine_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def parameter_groups(model: nn.Module, unrouted: Collection[str] | None = None) -> ParameterGroups:
     """Split ``model``'s parameters into routed shared, open shared (the names in
-    ``unrouted``: every token trains them) and quarantine parameters."""
-    return ParameterGroups.split(model, quarantine_parameters(model).values(), unrouted or ())
+    ``unrouted``: every token trains them) and quarantine parameters. A soft gate's
+    weights are quarantine parameters that every token trains (through its losses)."""
+    gates = [p for m in model.modules() if isinstance(m, SoftGate) for p in m.parameters()]
+    return ParameterGroups.split(
+        model, quarantine_parameters(model).values(), unrouted or (), open_quarantine=gates
+    )
 
 
 def ablate(

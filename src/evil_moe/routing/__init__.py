@@ -23,7 +23,9 @@ from evil_moe.routing.labels import (
 from evil_moe.routing.optim import (
     ParameterGroups,
     StepLedger,
+    StepReport,
     clip_grad_norm_by_group,
+    routed_step,
 )
 from evil_moe.routing.routers import POLICIES, BackwardRouter, RouterConfig
 
@@ -39,6 +41,7 @@ __all__ = [
     "RouterConfig",
     "RoutingPlan",
     "StepLedger",
+    "StepReport",
     "clip_grad_norm_by_group",
     "make_plan",
     "mask_cotangent",
@@ -46,4 +49,5 @@ __all__ = [
     "routed_linear",
     "routed_module_call",
     "routed_scale",
+    "routed_step",
 ]
