@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,28 @@ class CliProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pgid, signal.SIGKILL)
         self.proc.wait(timeout=30)
+
+
+@dataclass(frozen=True)
+class StopCase:
+    """A stop signal, how the command is started, and what it must answer."""
+
+    signum: int
+    sigint_ignored: bool
+    code: int
+    word: str
+
+
+@pytest.fixture(
+    params=[
+        StopCase(signal.SIGINT, True, 130, "interrupted"),  # also when SIGINT was ignored
+        StopCase(signal.SIGTERM, False, 143, "terminated"),
+    ],
+    ids=["sigint-inherited-ignored", "sigterm"],
+)
+def stop_case(request) -> StopCase:
+    """Each way of stopping a CLI command cleanly."""
+    return request.param
 
 
 @pytest.fixture

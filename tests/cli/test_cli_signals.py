@@ -4,30 +4,19 @@ the exit status says which signal, nothing is left running."""
 from __future__ import annotations
 
 import json
-import signal
-
-import pytest
 
 
-@pytest.mark.parametrize(
-    ("signum", "sigint_ignored", "code", "word"),
-    [
-        (signal.SIGINT, True, 130, "interrupted"),  # also when started with SIGINT ignored
-        (signal.SIGTERM, False, 143, "terminated"),
-    ],
-    ids=["sigint-inherited-ignored", "sigterm"],
-)
 def test_train_stops_cleanly_and_keeps_its_checkpoint(
-    tmp_path, tiny_overrides, cli_process, signum, sigint_ignored, code, word
+    tmp_path, tiny_overrides, cli_process, stop_case
 ):
     out = tmp_path / "run"
     overrides = [*tiny_overrides, "train.steps=100000", "train.checkpoint_every=2"]
-    run = cli_process(["train", "--out", str(out), "--quiet", *overrides], sigint_ignored)
+    run = cli_process(["train", "--out", str(out), "--quiet", *overrides], stop_case.sigint_ignored)
     run.wait_for((out / "checkpoint.json").exists, "the first checkpoint")
-    run.signal_group(signum)
+    run.signal_group(stop_case.signum)
     returncode, err = run.finish()
-    assert returncode == code, err
-    assert word in err
+    assert returncode == stop_case.code, err
+    assert stop_case.word in err
     checkpoint = json.loads((out / "checkpoint.json").read_text())
     assert checkpoint["step"] >= 2 and (out / checkpoint["file"]).is_file()
     assert not (out / "metrics.json").exists()

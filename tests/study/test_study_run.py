@@ -102,23 +102,15 @@ def test_resume_after_kill_9_loses_nothing_and_counts_nothing_twice(
     assert f"{len(survived)} already finished" in result.stderr
 
 
-@pytest.mark.parametrize(
-    ("signum", "sigint_ignored", "code", "word"),
-    [
-        (signal.SIGINT, True, 130, "interrupted"),  # also when started with SIGINT ignored
-        (signal.SIGTERM, False, 143, "terminated"),
-    ],
-    ids=["sigint-inherited-ignored", "sigterm"],
-)
 def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(
-    tmp_path, preset_factory, cli_process, signum, sigint_ignored, code, word
+    tmp_path, preset_factory, cli_process, stop_case
 ):
     preset = preset_factory(["single", "fine4"], [0, 1], steps=40)
     out = tmp_path / "out"
     total = len(unique_runs(expand(load_spec(str(preset))[0])))
     study = cli_process(
         ["study", "--preset", str(preset), "--out", str(out), "--jobs", "2", "--quiet"],
-        sigint_ignored=sigint_ignored,
+        sigint_ignored=stop_case.sigint_ignored,
     )
     seen: list[tuple[str, str]] = []
 
@@ -127,10 +119,10 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(
         return 1 <= len(seen) < total
 
     study.wait_for(some_finished_and_more_to_run, "a run finished with more in flight")
-    study.signal_group(signum)  # what a terminal's Ctrl-C (or Slurm's SIGTERM) sends
+    study.signal_group(stop_case.signum)  # what a terminal's Ctrl-C (or Slurm's SIGTERM) sends
     returncode, err = study.finish()
-    assert returncode == code, err
-    assert word in err
+    assert returncode == stop_case.code, err
+    assert stop_case.word in err
     kept = _stored(out)
     assert set(seen) <= set(kept) and len(kept) < total, "finished runs survive, no more"
     conn = sqlite3.connect(out / STORE_NAME)
