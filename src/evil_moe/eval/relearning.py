@@ -2,11 +2,12 @@
 
 After a routed run, the quarantine is ablated for good (zeroed and frozen) and the
 deployed model is fine-tuned on forget-domain training data with the training loop's own
-components (:func:`~evil_moe.train.loop.make_optimizer`, :func:`~evil_moe.train.loop.train_step`,
-:func:`~evil_moe.routing.optim.routed_step`), unrouted. Every ``eval_every`` steps the held-out forget loss is
-measured; the answer is the first step at which it is back at (or below) the
-pre-ablation loss ``target``, or ``None`` if that did not happen within ``max_steps``
-(the cap is reported with the result). A fast relearner means the removal was shallow.
+components (:func:`~evil_moe.train.loop.make_optimizer`,
+:func:`~evil_moe.train.loop.train_step`, :func:`~evil_moe.routing.optim.routed_step`),
+unrouted. Every ``eval_every`` steps the held-out forget loss is measured; the answer
+is the first step at which it is back at (or below) the pre-ablation loss ``target``, or
+``None`` if that did not happen within ``max_steps`` (the cap is reported with the
+result). A fast relearner means the removal was shallow.
 """
 
 from __future__ import annotations

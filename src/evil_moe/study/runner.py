@@ -7,8 +7,8 @@ each running one run at a time through :func:`evil_moe.study.worker.execute_run`
 the main process writes the store, one transaction per finished run, so a killed study
 loses at most the runs in flight. Workers ignore SIGINT and SIGTERM (the main process
 stops them, however it is stopped) and die with the main process (``PR_SET_PDEATHSIG``
-on Linux). A worker that dies
-mid-run (killed, out of memory) is replaced and its run retried once.
+on Linux). A worker that dies mid-run (killed, out of memory) is replaced and its run
+retried once.
 """
 
 from __future__ import annotations

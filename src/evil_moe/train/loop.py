@@ -4,7 +4,8 @@
 
 A step is: forward with route labels, summed token loss / token count, backward, then
 :func:`~evil_moe.routing.optim.routed_step`: idle groups released (no optimizer movement
-on behalf of forget tokens), per-group gradient clipping, AdamW step. Evaluation lives in :mod:`evil_moe.eval`.
+on behalf of forget tokens), per-group gradient clipping, AdamW step. Evaluation lives
+in :mod:`evil_moe.eval`.
 """
 
 from __future__ import annotations
