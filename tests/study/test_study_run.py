@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -88,40 +87,22 @@ def test_a_different_study_cannot_reuse_the_directory(tiny_study, preset_factory
     assert _stored(out) == before
 
 
-def test_resume_after_kill_9_loses_nothing_and_counts_nothing_twice(tmp_path, preset_factory):
+def test_resume_after_kill_9_loses_nothing_and_counts_nothing_twice(
+    tmp_path, preset_factory, cli_process
+):
     preset = preset_factory(["single", "filter", "fine4"], [0, 1], steps=40)
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "evil_moe.cli.main",
-        "study",
-        "--preset",
-        str(preset),
-        "--out",
-        str(out),
-        "--jobs",
-        "2",
-        "--quiet",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if (out / STORE_NAME).exists() and _stored(out):
-                break
-            assert proc.poll() is None, "the study ended before it could be killed"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the study and its workers, mid-run
-    finally:
-        proc.wait(timeout=30)
+    args = ["study", "--preset", str(preset), "--out", str(out), "--jobs", "2", "--quiet"]
+    study = cli_process(args)
+    study.wait_for(lambda: (out / STORE_NAME).exists() and bool(_stored(out)), "a stored run")
+    study.signal_group(signal.SIGKILL)  # the study and its workers, mid-run
+    study.finish()
     survived = _stored(out)
     spec, _ = load_spec(str(preset))
     total = len(unique_runs(expand(spec)))
     assert 1 <= len(survived) < total, "killed mid-grid"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    cmd = [sys.executable, "-m", "evil_moe.cli.main", *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     after = _stored(out)
@@ -130,41 +111,30 @@ def test_resume_after_kill_9_loses_nothing_and_counts_nothing_twice(tmp_path, pr
     assert f"{len(survived)} already finished" in result.stderr
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path, preset_factory):
+def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(
+    tmp_path, preset_factory, cli_process, stop_case
+):
     preset = preset_factory(["single", "fine4"], [0, 1], steps=40)
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "evil_moe.cli.main",
-        "study",
-        "--preset",
-        str(preset),
-        "--out",
-        str(out),
-        "--jobs",
-        "2",
-        "--quiet",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    total = len(unique_runs(expand(load_spec(str(preset))[0])))
+    study = cli_process(
+        ["study", "--preset", str(preset), "--out", str(out), "--jobs", "2", "--quiet"],
+        sigint_ignored=stop_case.sigint_ignored,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((out / STORE_NAME).exists() and _stored(out)):
-        assert proc.poll() is None, "the study ended before it could be interrupted"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
+    seen: list[tuple[str, str]] = []
+
+    def some_finished_and_more_to_run() -> bool:
+        seen[:] = _stored(out) if (out / STORE_NAME).exists() else []
+        return 1 <= len(seen) < total
+
+    study.wait_for(some_finished_and_more_to_run, "a run finished with more in flight")
+    study.signal_group(stop_case.signum)  # what a terminal's Ctrl-C (or Slurm's SIGTERM) sends
+    returncode, err = study.finish()
+    assert returncode == stop_case.code, err
+    assert stop_case.word in err
     kept = _stored(out)
-    assert kept, "finished runs survive"
+    assert set(seen) <= set(kept) and len(kept) < total, "finished runs survive, no more"
     conn = sqlite3.connect(out / STORE_NAME)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
+    study.wait_group_gone()  # no worker process is left behind

@@ -26,9 +26,10 @@ from evil_moe.data.corpus import (
 )
 from evil_moe.data.monitor import LabelledDocument, Monitor
 from evil_moe.data.tokenizer import EOT_ID, default_tokenizer, encode_texts
+from evil_moe.routing.labels import ROUTE_NAMES, RouteLabel
 
-#: Integer codes of route labels in ``route`` tensors (same as ``routing.labels.RouteLabel``).
-ROUTE_CODES = {"retain": 0, "forget": 1, "unlabeled": 2}
+#: Integer codes of route labels in ``route`` tensors, by name (``routing.labels.ROUTE_NAMES``).
+ROUTE_CODES = ROUTE_NAMES
 #: Evaluation categories of sequences (see :attr:`LabelledDocument.category`).
 CATEGORIES = (
     "retain",
@@ -208,8 +209,7 @@ def pack_documents(
     eot = np.array([EOT_ID], dtype=np.int64)
     for i in order.tolist():
         ld = docs[i]
-        if ld.route not in ROUTE_CODES:
-            raise ValueError(f"unknown route label {ld.route!r}")
+        RouteLabel.parse(ld.route)  # unknown labels fail here
         key = (ld.route, ld.doc.domain, ld.doc.mode, ld.category)
         parts = streams.setdefault(key, [])
         parts.append(np.asarray(token_ids[i], dtype=np.int64))

@@ -25,8 +25,8 @@ import torch
 from evil_moe.data.batching import BatchIterator, TokenSequences
 from evil_moe.eval.losses import mean_token_loss
 from evil_moe.models.testbed import Testbed
-from evil_moe.modules.ablation import ablate
-from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group, parameter_groups
+from evil_moe.modules.ablation import ablate, parameter_groups
+from evil_moe.routing.optim import StepLedger, routed_step
 from evil_moe.train.config import RunConfig
 
 
@@ -57,8 +57,7 @@ def finetune_curve(
     ablate(tuned, freeze=True)
     tune_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, lr=lr or t.lr))
     optimizer = make_optimizer(tuned, tune_cfg)
-    groups = parameter_groups(tuned, unrouted_names(tuned))
-    ledger = StepLedger(groups, "none")
+    ledger = StepLedger(parameter_groups(tuned, unrouted_names(tuned)), "none")
     batches = iter(BatchIterator(train_seqs, t.batch_size, seed=t.seed + seed_offset))
 
     def measure(step: int) -> None:
@@ -71,11 +70,7 @@ def finetune_curve(
     for step in range(1, steps + 1):
         tuned.train()
         train_step(tuned, next(batches), "none", ledger)
-        ledger.release_idle()
-        if t.grad_clip > 0:
-            clip_grad_norm_by_group(groups, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        routed_step(optimizer, ledger, t.grad_clip)
         if step % eval_every == 0 or step == steps:
             measure(step)
     return curves

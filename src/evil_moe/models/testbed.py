@@ -7,13 +7,14 @@ parameters are routed (receive no gradient from forget tokens) is decided by the
 attention and MLP weights always, embeddings and norms by switch.
 
     model = Testbed(TestbedConfig())
-    logits = model(tokens, route=route)           # route: [B, T] RouteLabel codes
+    logits = model(tokens, route=route)           # route: [B] or [B, T] labels (codes or names)
     with ablated(model): logits = model(tokens)   # deployment view
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from evil_moe.modules.experts import (
     reinit_like_,
 )
 from evil_moe.routing.functional import mask_cotangent, routed_linear, routed_scale
-from evil_moe.routing.labels import RoutingPlan, make_plan
+from evil_moe.routing.labels import Method, RoutingPlan, make_plan, parse_route_labels
 from evil_moe.routing.routers import RouterConfig
 
 
@@ -220,16 +221,18 @@ class Testbed(nn.Module):
     def forward(
         self,
         tokens: Tensor,
-        route: Tensor | None = None,
+        route: Any = None,
         mode: Tensor | None = None,
-        semantics: str = "sgtm",
+        semantics: Method | str = Method.SGTM,
     ) -> Tensor:
-        """Logits ``[B, T, vocab]`` for ``tokens`` ``[B, T]``, routed by ``route`` ``[B, T]``."""
+        """Logits ``[B, T, vocab]`` for ``tokens`` ``[B, T]``, routed by ``route``: route
+        labels per sequence ``[B]`` or per token ``[B, T]``, codes or names (see
+        :func:`~evil_moe.routing.labels.parse_route_labels`)."""
         B, T = tokens.shape
         if self.cfg.seq_len < T:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cfg.seq_len}")
-        if route is not None and route.shape != tokens.shape:
-            raise ValueError(f"route shape {tuple(route.shape)} != tokens {tuple(tokens.shape)}")
+        if route is not None:
+            route = parse_route_labels(route, (B, T), tokens.device, "route")
         plan = make_plan(route, semantics, mode, dtype=self.wte.weight.dtype)
         emb_keep = plan.shared_grad if self.cfg.route_embeddings else None
         pos = self.wpe(torch.arange(T, device=tokens.device)).expand(B, T, -1)

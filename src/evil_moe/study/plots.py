@@ -72,9 +72,14 @@ def plot_curves(a: Analysis) -> bytes | None:
             ax.set_xlabel("log(1 + forget tokens trained on)")
             ax.set_ylabel("held-out forget loss (nats)")
             ax.set_title(f"baseline curve, {corpus} (dotted: arms, deployed)")
-            ax.legend(fontsize=6, ncol=2)
+            _legend(ax)
 
     return _figure_png(draw, (7 * len(corpora), 5))
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, ncol=2)
 
 
 def _cmap() -> Any:
@@ -212,7 +217,7 @@ def plot_training(a: Analysis) -> bytes | None:
             ax.set_xlabel("step")
             ax.set_ylabel("training loss")
             ax.set_title(f"block {block}")
-            ax.legend(fontsize=6, ncol=2)
+            _legend(ax)
 
     return _figure_png(draw, (6 * len(blocks), 4))
 
@@ -242,7 +247,7 @@ def plot_after_ablation(a: Analysis) -> bytes | None:
             ax.set_xlabel("evaluation")
             ax.set_ylabel("held-out forget loss (nats)")
             ax.set_title(title)
-            ax.legend(fontsize=6, ncol=2)
+            _legend(ax)
 
     return _figure_png(draw, (12, 4))
 

@@ -22,12 +22,13 @@ from evil_moe.eval.amplifier import amplifier_selection
 from evil_moe.eval.gradnorms import data_groups, group_gradient_norms
 from evil_moe.eval.relearning import finetune_curve
 from evil_moe.eval.specialization import gate_load
-from evil_moe.routing.optim import parameter_groups
+from evil_moe.modules.ablation import parameter_groups
+from evil_moe.routing.labels import Method
 from evil_moe.study.spec import canonical_json
 from evil_moe.train.config import RunConfig, config_from_dict
 
 #: methods whose deployed model is the ablated one (they have a routed quarantine)
-ROUTED_METHODS = ("sgtm", "gradient_routing", "demix", "demix_masked")
+ROUTED_METHODS = tuple(m.value for m in Method if m.routed)
 
 
 def deployed_view(method: str) -> str:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from evil_moe.models.testbed import TestbedConfig
+from evil_moe.routing.labels import Method
 
-METHODS = ("none", "filter", "sgtm", "gradient_routing", "demix", "demix_masked")
 CORPORA = ("bilingual", "hacks", "jsonl", "hf")
 
 
@@ -291,7 +291,8 @@ def validate(cfg: RunConfig) -> None:
         _check(0.0 <= value <= 1.0, f"monitor.{name}", f"must be in [0, 1], got {value}")
     for mode, value in m.recall_by_mode.items():
         _check(0.0 <= value <= 1.0, f"monitor.recall_by_mode.{mode}", "must be in [0, 1]")
-    _check(t.method in METHODS, "train.method", f"must be one of {METHODS}, got {t.method!r}")
+    methods = tuple(m.value for m in Method)
+    _check(t.method in methods, "train.method", f"must be one of {methods}, got {t.method!r}")
     _check(t.steps >= 1, "train.steps", "must be >= 1")
     _check(t.epochs >= 0, "train.epochs", "must be >= 0 (0 = use train.steps)")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")

@@ -2,9 +2,10 @@
 
     result = train(load_config(overrides=["train.method=sgtm"]), out_dir="runs/x")
 
-A step is: forward with route labels, summed token loss / token count, backward,
-``StepLedger`` drops idle groups (no optimizer movement on behalf of forget tokens),
-per-group gradient clipping, AdamW step. Evaluation lives in :mod:`evil_moe.eval`.
+A step is: forward with route labels, summed token loss / token count, backward, then
+:func:`~evil_moe.routing.optim.routed_step`: idle groups released (no optimizer movement
+on behalf of forget tokens), per-group gradient clipping, AdamW step. Evaluation lives
+in :mod:`evil_moe.eval`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from evil_moe.data.batching import BatchIterator, steps_for_epochs
 from evil_moe.eval.losses import evaluate_losses, mean_token_loss
 from evil_moe.eval.specialization import gate_statistics, specialization_report
 from evil_moe.models.testbed import Testbed, lm_loss
-from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group, parameter_groups
+from evil_moe.modules.ablation import parameter_groups
+from evil_moe.routing.labels import Method
+from evil_moe.routing.optim import StepLedger, routed_step
 from evil_moe.train.config import RunConfig
 from evil_moe.train.io import (
     append_jsonl,
@@ -35,16 +38,6 @@ from evil_moe.train.io import (
     write_tensors,
 )
 from evil_moe.train.setup import PreparedRun, prepare_run
-
-#: routing semantics used in training for each method
-METHOD_SEMANTICS = {
-    "none": "none",
-    "filter": "none",
-    "sgtm": "sgtm",
-    "gradient_routing": "gradient_routing",
-    "demix": "demix",
-    "demix_masked": "demix_masked",
-}
 
 
 @dataclass
@@ -136,7 +129,7 @@ def train_step(
     aux = model.aux_losses()
     total = loss + sum(aux.values()) if aux else loss
     total.backward()
-    ledger.record(route if semantics != "none" else None)
+    ledger.record(route)
     return float(loss.detach())
 
 
@@ -155,10 +148,9 @@ def train(
         torch.set_num_threads(t.threads)
     run = prepared if prepared is not None else prepare_run(cfg)
     model = run.model
-    semantics = METHOD_SEMANTICS[t.method]
+    semantics = Method(t.method).semantics
     optimizer = make_optimizer(model, cfg)
-    groups = parameter_groups(model, unrouted_names(model))
-    ledger = StepLedger(groups, semantics)
+    ledger = StepLedger(parameter_groups(model, unrouted_names(model)), semantics)
 
     out = Path(out_dir) if out_dir is not None else None
     start = 0
@@ -200,10 +192,7 @@ def train(
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg, steps)
         loss = train_step(model, batch, semantics, ledger)
-        skipped = ledger.release_idle()
-        norms = clip_grad_norm_by_group(groups, t.grad_clip) if t.grad_clip > 0 else {}
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        report = routed_step(optimizer, ledger, t.grad_clip)
         train_seconds += time.perf_counter() - began
         tokens_seen += batch["route"].numel()
         recent.append(loss)
@@ -214,8 +203,8 @@ def train(
                 "step": step + 1,
                 "loss": sum(recent) / len(recent),
                 "lr": lr_at(step, cfg, steps),
-                "grad_norm": norms,
-                "skipped": [k for k, v in skipped.items() if v],
+                "grad_norm": report.grad_norm,
+                "skipped": report.skipped,
             }
             if step + 1 == mark:
                 model.eval()
