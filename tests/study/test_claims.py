@@ -27,22 +27,22 @@ from evil_moe.train.variants import VARIANTS
 
 #: each row's claims and the reference each must be compared with (issue 9)
 EXPECTED_REFERENCES = {
-    "1a": ("shared_masked", "single_wide", "leakage", "helps"),
-    "1b": ("shared_open", "single", "leakage", "helps"),
-    "2a": ("fine4", "single", "leakage", "helps"),
-    "2b": ("fine8", "single", "leakage", "helps"),
+    "1a": ("shared_masked", "single_wide", "log_leakage", "helps"),
+    "1b": ("shared_open", "single", "log_leakage", "helps"),
+    "2a": ("fine4", "single", "log_leakage", "helps"),
+    "2b": ("fine8", "single", "log_leakage", "helps"),
     "2c": ("fine4", "random4", "nmi_excess", "helps"),
-    "3a": ("expert_choice", "fine4", "leakage", "helps"),
-    "3b": ("balanced", "fine4", "leakage", "helps"),
+    "3a": ("expert_choice", "fine4", "log_leakage", "helps"),
+    "3b": ("balanced", "fine4", "log_leakage", "helps"),
     "3c": ("expert_choice", "fine4", "balance_cv", "helps"),
     "3d": ("balanced", "fine4", "balance_cv", "helps"),
-    "4a": ("aux_balance_quarantine", "soft_gate", "leakage", "helps"),
+    "4a": ("aux_balance_quarantine", "soft_gate", "log_leakage", "helps"),
     "4b": ("aux_balance_quarantine", "soft_gate", "balance_cv", "helps"),
     "5a": ("zloss", "soft_gate", "loss_spikes", "helps"),
     "5b": ("zloss", "soft_gate", "final_train_loss", "helps"),
-    "6a": ("global_balance", "soft_gate", "leakage", "hurts"),
-    "7a": ("demix_masked", "single", "leakage", "hurts"),
-    "7b": ("demix", "single", "leakage", "hurts"),
+    "6a": ("global_balance", "soft_gate", "log_leakage", "hurts"),
+    "7a": ("demix_masked", "single", "log_leakage", "hurts"),
+    "7b": ("demix", "single", "log_leakage", "hurts"),
 }
 
 
@@ -161,6 +161,7 @@ def _row(name, seed, values, block="b", corpus="bilingual", censored=()):
     run = RunSpec("grid", name, corpus, seed, 0.2, None, cfg, key=f"{name}{seed}", block=block)
     full = {
         "leakage": None,
+        "log_leakage": None,
         "forget_loss": None,
         "retain_cost": 0.0,
         "nmi_excess": None,
@@ -196,23 +197,21 @@ def _valid_controls(n=6):
 
 def test_claims_pair_by_seed_and_decide_against_their_own_reference():
     rows = _valid_controls()
-    rows += [_row("single", s, {"leakage": 0.30 + 0.05 * s}) for s in range(6)]
-    # demix_masked leaks clearly more than single in every seed (row 7: supported)
-    rows += [
-        _row("demix_masked", s, {"leakage": 0.60 + 0.05 * s + 0.01 * (s % 2)}) for s in range(6)
-    ]
-    # fine4 equals single to within 0.002: an effect of delta = 0.05 is excluded (refuted)
-    rows += [_row("fine4", s, {"leakage": 0.30 + 0.05 * s + 0.002 * (-1) ** s}) for s in range(6)]
+    rows += [_row("single", s, {"log_leakage": -2.0 + 0.1 * s}) for s in range(6)]
+    # demix_masked leaks e^2 times more than single in every seed (row 7: supported)
+    rows += [_row("demix_masked", s, {"log_leakage": 0.01 * (s % 2) + 0.1 * s}) for s in range(6)]
+    # fine4 equals single to within 1%: a factor of 2 (delta = ln 2) is excluded (refuted)
+    rows += [_row("fine4", s, {"log_leakage": -2.0 + 0.1 * s + 0.01 * (-1) ** s}) for s in range(6)]
     a = _analysis(rows)
     assert a.verdicts_issued
     by_id = {c["id"]: c for c in a.claims}
     assert by_id["7a"]["verdict"] == "supported" and by_id["7a"]["block"] == "b"
-    assert by_id["7a"]["difference"]["mean"] == pytest.approx(0.3 + 0.005, abs=1e-9)
+    assert by_id["7a"]["difference"]["mean"] == pytest.approx(2.0 + 0.005, abs=1e-9)
     assert by_id["2a"]["verdict"] == "refuted"
     assert by_id["1a"]["verdict"] == "not in this study"
     # fine4 vs random4 (2c): fine4 has no nmi values here, so no pairs
     assert by_id["2c"]["verdict"] == "inconclusive"
-    diffs, censored = paired(rows, "demix_masked", "single", "leakage")
+    diffs, censored = paired(rows, "demix_masked", "single", "log_leakage")
     assert len(diffs) == 6 and censored == 0
 
 
@@ -225,9 +224,9 @@ def test_pairs_need_the_same_block_seed_and_sweep():
 
 def test_the_retain_guard_downgrades_absorption_bought_with_retain_loss():
     rows = _valid_controls()
-    rows += [_row("single", s, {"leakage": 0.5, "retain_cost": 0.0}) for s in range(6)]
+    rows += [_row("single", s, {"log_leakage": -1.0, "retain_cost": 0.0}) for s in range(6)]
     rows += [
-        _row("fine4", s, {"leakage": 0.1 + 0.01 * s, "retain_cost": 0.3 + 0.01 * s})
+        _row("fine4", s, {"log_leakage": -4.0 + 0.01 * s, "retain_cost": 0.3 + 0.01 * s})
         for s in range(6)
     ]
     claim = next(c for c in _analysis(rows).claims if c["id"] == "2a")
@@ -282,13 +281,13 @@ def test_gates_fail_on_broken_studies_and_withhold_verdicts(broken):
 def test_a_claim_is_decided_separately_in_each_block():
     """Two regimes (blocks) give two decisions, never one pooled over both."""
     rows = _valid_controls()
-    for block, gap in (("low_recall", 0.3), ("high_recall", 0.0)):
-        rows += [_row("single", s, {"leakage": 0.4 + 0.05 * s}, block=block) for s in range(6)]
+    for block, gap in (("low_recall", 2.0), ("high_recall", 0.0)):
+        rows += [_row("single", s, {"log_leakage": -1 + 0.05 * s}, block=block) for s in range(6)]
         rows += [
             _row(
                 "demix_masked",
                 s,
-                {"leakage": 0.4 + 0.05 * s + gap + 0.001 * (-1) ** s},
+                {"log_leakage": -1 + 0.05 * s + gap + 0.001 * (-1) ** s},
                 block=block,
             )
             for s in range(6)

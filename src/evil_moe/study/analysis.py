@@ -12,6 +12,9 @@ Definitions (also written into every report):
   gradient_routing, demix, demix_masked), as trained for standard ones (none, filter).
 * **Leakage** of a grid run: its deployed held-out forget loss on undiscovered data
   mapped onto its corpus's curve, divided by the undiscovered forget tokens it trained on.
+  **Log leakage** ``ln((1 + equivalent tokens) / undiscovered tokens)``: paired runs share
+  their data, so a paired difference is the log of the ratio of their leakages (a
+  difference of ln 2 halves or doubles it), and it stays finite at zero leakage.
   Losses outside the curve give a bound (``<``/``>``), never an extrapolation; in
   intervals a bounded value counts as the bound (reported as censored).
 * **Retain cost**: deployed retain loss minus the retain loss of the retain-only oracle
@@ -42,6 +45,7 @@ from evil_moe.study.worker import deployed_view
 
 #: metrics per run: (name, label, helpful direction or "" for none)
 METRICS = {
+    "log_leakage": ("log leakage, ln((1 + equivalent tokens) / undiscovered tokens)", "lower"),
     "leakage": ("leakage", "lower"),
     "forget_loss": ("deployed forget loss, undiscovered (nats)", "higher"),
     "retain_cost": ("retain cost (nats)", "lower"),
@@ -196,7 +200,7 @@ def run_row(
     if curve is not None and forget is not None and undiscovered > 0:
         estimate = curve.leakage(forget, undiscovered)
         if estimate.bound:
-            censored.add("leakage")
+            censored.update(("leakage", "log_leakage"))
     spec = m.get("specialization") or {}
     routing = spec.get("routing") or None
     ablation = spec.get("ablation") or {}
@@ -224,6 +228,11 @@ def run_row(
     conv = m.get("retain_convergence") or {}
     oracle_retain = _oracle_retain(oracle, run.corpus, run.seed)
     values: dict[str, float | None] = {
+        "log_leakage": (
+            math.log((1 + estimate.equivalent_tokens) / estimate.undiscovered_tokens)
+            if estimate
+            else None
+        ),
         "leakage": estimate.leakage if estimate else None,
         "forget_loss": forget,
         "retain_cost": retain - oracle_retain

@@ -35,7 +35,7 @@ from evil_moe.study.stats import Interval, adjust, claim_test, decide, t_interva
 if TYPE_CHECKING:
     from evil_moe.study.analysis import Analysis, RunRow
 
-ABSORPTION_METRICS = ("leakage", "forget_loss")
+ABSORPTION_METRICS = ("log_leakage", "leakage", "forget_loss")
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,14 @@ def evaluate(a: Analysis) -> None:
             test = claim_test([sign * d for d in diffs], entry["delta"], v.confidence)
             cost, _ = paired(rows, c.variant, c.reference, "retain_cost")
             forget, _ = paired(rows, c.variant, c.reference, "forget_loss")
+            leakage, _ = paired(rows, c.variant, c.reference, "leakage")
             sizes = (_quarantine_size(rows, c.variant), _quarantine_size(rows, c.reference))
             entry.update(
                 difference=t_interval(diffs, v.confidence).to_dict(),
                 censored_pairs=censored,
                 retain_cost_difference=t_interval(cost, v.confidence).to_dict(),
                 forget_loss_difference=t_interval(forget, v.confidence).to_dict(),
+                leakage_difference=t_interval(leakage, v.confidence).to_dict(),
                 equal_quarantine=sizes[0] == sizes[1],
                 quarantine_parameters=list(sizes),
             )

@@ -19,6 +19,7 @@ from evil_moe.train.io import write_bytes
 #: columns of the arms table: (metric, header)
 ARM_COLUMNS = [
     ("leakage", "leakage"),
+    ("log_leakage", "log leakage"),
     ("forget_loss", "forget loss (deployed)"),
     ("retain_cost", "retain cost"),
     ("relearn_steps", "relearn steps"),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import hashlib
 import json
 import tomllib
@@ -58,6 +59,7 @@ PRESETS = ("quick", "settle", "full")
 CURVES = ("seed", "pooled")
 #: minimum effects used when a preset names none (metric units; see analysis.METRICS)
 DEFAULT_DELTA = {
+    "log_leakage": math.log(2),
     "leakage": 0.05,
     "forget_loss": 0.1,
     "balance_cv": 0.1,
