@@ -97,3 +97,12 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_overrides, monke
         reference.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
     ):
         assert torch.equal(pa, pb), name
+
+
+def test_spike_counter_counts_jumps_and_every_non_finite_step():
+    from evil_moe.train.loop import SpikeCounter
+
+    counter = SpikeCounter(warmup=2)
+    for loss in [5.0, 4.0, 3.9, 3.8, 6.0, 3.7, float("nan"), float("inf"), 3.6]:
+        counter.update(loss)
+    assert counter.count == 3  # 6.0 > 1.25 x EMA, then nan and inf

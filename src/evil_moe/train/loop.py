@@ -50,7 +50,8 @@ class RunResult:
 
 
 class SpikeCounter:
-    """Counts loss spikes: steps whose loss exceeds 1.25 x an EMA of earlier steps."""
+    """Counts loss spikes: steps whose loss exceeds 1.25 x an EMA of earlier steps, and
+    every step whose loss is not finite (a diverged run keeps counting)."""
 
     def __init__(self, warmup: int, decay: float = 0.95, ratio: float = 1.25):
         self.warmup, self.decay, self.ratio = warmup, decay, ratio
@@ -60,6 +61,9 @@ class SpikeCounter:
 
     def update(self, loss: float) -> None:
         self.steps += 1
+        if not math.isfinite(loss):
+            self.count += 1
+            return
         if self.ema is not None and self.steps > self.warmup and loss > self.ratio * self.ema:
             self.count += 1
         self.ema = loss if self.ema is None else self.decay * self.ema + (1 - self.decay) * loss
