@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import hashlib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
