@@ -294,3 +294,19 @@ def test_a_claim_is_decided_separately_in_each_block():
         ]
     decided = {c["block"]: c["verdict"] for c in _analysis(rows).claims if c["id"] == "7a"}
     assert decided == {"low_recall": "supported", "high_recall": "refuted"}
+
+
+def test_seeds_needed_by_hand():
+    from evil_moe.study.stats import seeds_needed
+
+    # mean 0, sd 1, delta ln 2: refutation needs t(1 - a, n - 1) / sqrt(n) <= 0.693
+    effects = [1.0, -1.0, 1.0, -1.0]
+    n = seeds_needed(effects, math.log(2), 0.05)
+    from scipy import stats
+
+    sd = float(np.std(effects, ddof=1))
+    assert stats.t.ppf(0.95, n - 1) * sd / math.sqrt(n) <= math.log(2)
+    assert stats.t.ppf(0.95, n - 2) * sd / math.sqrt(n - 1) > math.log(2)
+    assert seeds_needed(effects, math.log(2), 0.005) > n  # a stricter level needs more
+    assert seeds_needed([3.0, 3.2, 2.9], math.log(2), 0.05) == 2  # a large effect: support
+    assert seeds_needed([1.0], 0.5, 0.05) is None

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from evil_moe.study.stats import Interval, adjust, claim_test, decide, t_interval
+from evil_moe.study.stats import (
+    Interval,
+    adjust,
+    claim_test,
+    decide,
+    seeds_needed,
+    t_interval,
+)
 
 if TYPE_CHECKING:
     from evil_moe.study.analysis import Analysis, RunRow
@@ -133,7 +140,8 @@ def evaluate(a: Analysis) -> None:
                 entries.append(entry)
                 continue
             sign = (1 if helpful == "higher" else -1) * (1 if c.expect == "helps" else -1)
-            test = claim_test([sign * d for d in diffs], entry["delta"], v.confidence)
+            claimed = [sign * d for d in diffs]
+            test = claim_test(claimed, entry["delta"], v.confidence)
             cost, _ = paired(rows, c.variant, c.reference, "retain_cost")
             forget, _ = paired(rows, c.variant, c.reference, "forget_loss")
             leakage, _ = paired(rows, c.variant, c.reference, "leakage")
@@ -148,7 +156,7 @@ def evaluate(a: Analysis) -> None:
                 quarantine_parameters=list(sizes),
             )
             entries.append(entry)
-            tests.append((entry, test))
+            tests.append((entry, test, claimed))
         if not found:
             entries.append(
                 base
@@ -158,8 +166,9 @@ def evaluate(a: Analysis) -> None:
                     f"with {c.metric} values",
                 }
             )
-    adjust([t for _, t in tests])
-    for entry, test in tests:
+    adjust([t for _, t, _ in tests])
+    for entry, test, claimed in tests:
+        entry["pairs_for_decision"] = seeds_needed(claimed, entry["delta"], alpha / len(tests))
         verdict, rule = decide(test, alpha)
         cost = Interval(**entry["retain_cost_difference"])
         if (

@@ -159,3 +159,29 @@ def decide(test: ClaimTest, alpha: float) -> tuple[str, str]:
     if p_sup < alpha:
         return "supported", f"an effect > 0 is shown (adjusted p = {p_sup:.3g})"
     return "inconclusive", "neither an effect nor its absence shown"
+
+
+def seeds_needed(
+    claimed: Sequence[float], delta: float, alpha: float, cap: int = 1000
+) -> int | None:
+    """Pairs a claim would need to be decided, if its effects kept their mean and spread.
+
+    The smallest n at which the one-sided t bound at level ``alpha`` (use the strictest
+    adjusted level, alpha / number of claims) clears the nearer decision boundary: 0
+    (support) when the mean effect is positive, ``delta`` (refutation) when it is below
+    ``delta``. ``None`` with fewer than 2 pairs or no spread; ``cap`` if beyond it.
+    """
+    xs = finite(claimed)
+    if len(xs) < 2:
+        return None
+    mean, sd = float(np.mean(xs)), float(np.std(xs, ddof=1))
+    if sd == 0.0:
+        return None
+    margins = [m for m in (mean, delta - mean) if m > 0]
+    if not margins:
+        return None
+    margin = max(margins)
+    for n in range(2, cap + 1):
+        if stats.t.ppf(1 - alpha, n - 1) * sd / math.sqrt(n) <= margin:
+            return n
+    return cap
