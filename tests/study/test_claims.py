@@ -310,3 +310,34 @@ def test_seeds_needed_by_hand():
     assert seeds_needed(effects, math.log(2), 0.005) > n  # a stricter level needs more
     assert seeds_needed([3.0, 3.2, 2.9], math.log(2), 0.05) == 2  # a large effect: support
     assert seeds_needed([1.0], 0.5, 0.05) is None
+
+
+def test_log_leakage_differences_are_log_ratios_of_leakage():
+    """Paired runs share their undiscovered tokens, so a log-leakage difference is the log
+    of the ratio of the two runs' (1 + equivalent tokens)."""
+    from evil_moe.eval.leakage import BaselineCurve
+    from evil_moe.study.analysis import run_row
+
+    curve = BaselineCurve([0, 100, 1000, 10000], [11.0, 8.0, 6.0, 4.0])
+
+    def record(forget_loss):
+        loss = {
+            "forget_undiscovered": {"trained": 4.0, "ablated": forget_loss},
+            "retain": {"trained": 3.0, "ablated": 3.1},
+        }
+        return {
+            "result": {
+                "metrics": {"method": "sgtm", "loss": loss, "final_train_loss": 3.0},
+                "exposure": {"forget_undiscovered": 5000},
+            }
+        }
+
+    run = RunSpec("grid", "single", "bilingual", 0, 0.5, None, load_config(None, []), key="k")
+    rows = [
+        run_row(run, record(loss), {"bilingual": curve}, {("bilingual", 0): 3.0}, True, {})
+        for loss in (8.0, 6.0)
+    ]
+    assert rows[0].values["log_leakage"] == pytest.approx(math.log(101 / 5000), rel=1e-6)
+    diff = rows[1].values["log_leakage"] - rows[0].values["log_leakage"]
+    assert diff == pytest.approx(math.log(1001 / 101), rel=1e-6)
+    assert rows[0].values["retain_cost"] == pytest.approx(0.1)
