@@ -21,7 +21,8 @@ import time
 import torch
 
 from evil_moe.models.testbed import Testbed, TestbedConfig, lm_loss
-from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group, parameter_groups
+from evil_moe.modules.ablation import parameter_groups
+from evil_moe.routing.optim import StepLedger, routed_step
 from evil_moe.routing.routers import RouterConfig
 
 
@@ -47,18 +48,14 @@ def model_flops_per_token(cfg: TestbedConfig, params: int) -> float:
 
 def make_step(model: Testbed, semantics: str):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    groups = parameter_groups(model)
-    ledger = StepLedger(groups, semantics)
+    ledger = StepLedger(parameter_groups(model), semantics)
 
     def step(tokens: torch.Tensor, route: torch.Tensor) -> float:
         t = time.perf_counter()
         logits = model(tokens[:, :-1], route=route, semantics=semantics)
         lm_loss(logits, tokens[:, 1:]).backward()
-        ledger.record(route if semantics != "none" else None)
-        ledger.release_idle()
-        clip_grad_norm_by_group(groups, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        ledger.record(route)
+        routed_step(opt, ledger, max_norm=1.0)
         return time.perf_counter() - t
 
     return step

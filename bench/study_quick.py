@@ -54,11 +54,8 @@ def main() -> int:
         conn.close()
         cpu = sum(json.loads(r)["cpu_s"] for r, _ in rows)
         verdicts = json.loads((out / "verdicts.json").read_text())
-        for s in verdicts["separation"]:
-            print(
-                f"separation {s['corpus']} recall={s['recall']}: single < filter "
-                f"{s['separated_from_filter']}, single < none {s['separated_from_none']}"
-            )
+        for gate in verdicts["gates"]:
+            print(f"gate {gate['gate']}: {'passed' if gate['passed'] else 'FAILED'}")
         print(f"runs={len(rows)} jobs={args.jobs} cores={os.cpu_count()}")
         print(f"runs_per_hour={len(rows) / wall * 3600:.1f}")
         print(f"run_cpu_s_total={cpu:.0f} (an idle machine needs about {cpu / args.jobs:.0f} s)")

@@ -23,8 +23,8 @@ from evil_moe.data.hacks import HACK_MODES, generate_hack_corpus
 from evil_moe.data.monitor import Monitor
 from evil_moe.data.tokenizer import EOT_ID, encode_texts, train_tokenizer
 from evil_moe.models.hf import inject
-from evil_moe.routing.labels import ROUTE_NAMES
-from evil_moe.routing.optim import clip_grad_norm_by_group
+from evil_moe.routing.labels import ROUTE_NAMES, parse_route_labels
+from evil_moe.routing.optim import routed_step
 
 
 def parse_args() -> argparse.Namespace:
@@ -95,7 +95,7 @@ def main() -> None:
     tokenizer = train_tokenizer([d.text for d in train_docs], args.vocab_size)
     ids, labels = encode(tokenizer, train_docs, args.seq_len)
     eval_ids, eval_labels = encode(tokenizer, eval_docs, args.seq_len)
-    route = torch.tensor([ROUTE_NAMES[ld.route] for ld in labelled])
+    route = parse_route_labels([ld.route for ld in labelled])
     modes = torch.tensor([d.mode if d.mode > 0 else -1 for d in train_docs])
     eval_modes = torch.tensor([d.mode for d in eval_docs])
     counts = {r: int((route == c).sum()) for r, c in ROUTE_NAMES.items()}
@@ -124,7 +124,6 @@ def main() -> None:
     counts = handle.num_parameters()
     print(f"parameters: {counts}")
 
-    groups = handle.parameter_groups()
     ledger = handle.ledger()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01
@@ -140,12 +139,9 @@ def main() -> None:
             input_ids=ids[idx], labels=labels[idx], route_labels=route[idx], route_modes=modes[idx]
         )
         out.loss.backward()
-        ledger.record(route[idx])
-        ledger.release_idle()  # one micro-batch per step here
-        clip_grad_norm_by_group(groups, args.clip)
-        optimizer.step()
+        ledger.record(route[idx])  # one micro-batch per step here
+        routed_step(optimizer, ledger, max_norm=args.clip)
         schedule.step()
-        optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  loss {out.loss.item():.3f}  ({time.time() - t0:.0f}s)")
 

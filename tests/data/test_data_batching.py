@@ -19,6 +19,7 @@ from evil_moe.data.batching import (
     prepare_documents,
     sequential_batches,
     split_documents,
+    steps_for_epochs,
     subsample_domain,
     subsample_to_share,
     token_counts,
@@ -193,6 +194,22 @@ def test_batch_iterator_shapes_and_epochs() -> None:
     idx = it.indices(5)
     assert torch.equal(batches[5]["tokens"], seqs.tokens[idx])
     assert torch.equal(batches[5]["route"], seqs.route[idx])
+
+
+@pytest.mark.parametrize(("batch_size", "epochs"), [(7, 1), (7, 3), (5, 2), (1000, 2)])
+def test_batch_iterator_epochs_show_every_sequence_exactly_that_often(batch_size, epochs) -> None:
+    seqs = small_seqs()
+    m = len(seqs)
+    it = BatchIterator(seqs, batch_size=batch_size, seed=1, epochs=epochs)
+    assert len(it) == steps_for_epochs(m, batch_size, epochs) == -(-epochs * m // batch_size)
+    seen = torch.cat([b["tokens"] for b in it])
+    assert seen.shape[0] == epochs * m  # the last batch holds the rest
+    counts = torch.bincount(torch.cat([it.indices(s) for s in range(len(it))]), minlength=m)
+    assert counts.tolist() == [epochs] * m
+    with pytest.raises(ValueError, match="not both"):
+        BatchIterator(seqs, 4, num_steps=3, epochs=1)
+    with pytest.raises(ValueError, match="epochs"):
+        BatchIterator(seqs, 4, epochs=0)
 
 
 def test_batch_iterator_resume_and_determinism() -> None:

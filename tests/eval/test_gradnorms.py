@@ -9,7 +9,7 @@ import torch
 
 from evil_moe.eval.gradnorms import data_groups, group_gradient_norms
 from evil_moe.models.testbed import lm_loss
-from evil_moe.routing.optim import parameter_groups
+from evil_moe.modules.ablation import parameter_groups
 from evil_moe.train.config import load_config
 from evil_moe.train.loop import train, unrouted_names
 from evil_moe.train.setup import prepare_run

@@ -31,6 +31,7 @@ from evil_moe.models.hf import (  # noqa: E402
     route_labels,
 )
 from evil_moe.modules.ablation import quarantine_parameters  # noqa: E402
+from evil_moe.routing.routers import RouterConfig  # noqa: E402
 
 RETAIN, FORGET, UNLABELED = 0, 1, 2
 VOCAB = 128
@@ -188,10 +189,11 @@ def _expert_grads(layer: QuarantineLayer, x, g, policy: str):
         y = per_expert.sum(1)
         if policy == "all":
             keep = torch.ones(n, k, dtype=h.dtype)
-        else:  # top-1 backward alignment: -<g, y_k> / (|g| |y|)
+        else:  # top-1 backward alignment: -<g, y_k> / (|g| |y|), plus harmful experts
             score = -(per_expert * g[:, None, :]).sum(-1)
             score = score / (g.norm(dim=1, keepdim=True) * y.norm(dim=1, keepdim=True) + 1e-12)
             keep = F.one_hot(score.argmax(1), k).to(h.dtype)
+            keep = torch.maximum(keep, (score < 0).to(h.dtype))
         masked = (hk * keep[:, :, None]).view(n, -1)
         out = F.linear(masked, params["down"])
         grads_ = torch.autograd.grad((out * g).sum(), list(params.values()))
@@ -259,7 +261,8 @@ def test_topk_router_sends_each_token_to_its_expert(arch, kind):
 
 
 def test_topk_single_token_reaches_only_its_expert():
-    model, handle = make("llama", n_quarantine=4, router="topk", target_modules=["down_proj"])
+    top1 = RouterConfig(policy="topk", correct_harmful=False)
+    model, handle = make("llama", n_quarantine=4, router=top1, target_modules=["down_proj"])
     ids, targets = batch(1, t=6, seed=7)
     route = torch.full((1, 6), RETAIN)
     route[0, 3] = FORGET

@@ -32,6 +32,7 @@ from evil_moe.models.hf import (  # noqa: E402
     route_labels,
 )
 from evil_moe.modules.ablation import quarantine_parameters  # noqa: E402
+from evil_moe.routing.optim import routed_step  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -92,6 +93,29 @@ def test_ledger_skips_idle_groups_in_adamw():
     for p in groups.shared:  # neither momentum nor weight decay moved them
         assert torch.equal(p, before[id(p)])
     assert all(p.grad is not None for p in groups.quarantine)
+
+
+def test_zero_initialised_lora_is_stepped_when_the_labels_allow_it():
+    """LoRA ``up`` (A) faces a zero-initialised ``down`` (B): its first gradient is exactly
+    zero, yet the step's labels allow it to train, so AdamW steps it (its state exists)."""
+    model, handle = make("llama", shared_expert=2, randomize=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], weight_decay=0.1)
+    layer = next(iter(handle.layers.values()))
+    ups = [layer.experts.up, layer.shared.up]
+    ledger = handle.ledger()
+    ids, targets = batch(2)
+    route = torch.tensor([FORGET, UNLABELED])
+    loss_sum(model, ids, targets, route_labels=route).backward()
+    ledger.record(route)
+    assert all(p.grad is not None and not p.grad.any() for p in ups)
+    report = routed_step(opt, ledger, max_norm=1.0)
+    assert report.skipped == []
+    assert all(opt.state[p]["step"] == 1 for p in ups)
+    # a retain-only step may not train the quarantine: released, state untouched
+    loss_sum(model, ids, targets, route_labels=torch.tensor([RETAIN, RETAIN])).backward()
+    ledger.record([RETAIN, RETAIN])
+    assert routed_step(opt, ledger).skipped == ["quarantine"]
+    assert opt.state[layer.experts.up]["step"] == 1 and opt.state[layer.shared.up]["step"] == 2
 
 
 def test_bf16_autocast_keeps_isolation():
@@ -202,7 +226,11 @@ class _MiniTrainer:
                 chunk = rows[start + i * bs : start + (i + 1) * bs]
                 loss = self.compute_loss(self.model, self.data_collator(chunk)) / accum
                 loss.backward()
-            self.norms.append(float(self._clip_grad_norm(self.model)))
+            if self.args.max_grad_norm > 0:  # as Trainer: clip, or only measure the norm
+                norm = self._clip_grad_norm(self.model)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+            self.norms.append(float(norm))
             for cb in self.callbacks:
                 cb.on_pre_optimizer_step(self.args, None, None)
             optimizer.step()
@@ -286,6 +314,14 @@ def test_hf_trainer_runs_with_route_labels(tmp_path):
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = RoutedTrainer(model=model, args=args, train_dataset=_dataset(12))
+    # per-group clipping replaces the Trainer's global clip, in the trainer's copy of args
+    assert trainer.args.max_grad_norm == 0 and args.max_grad_norm == 1.0
+    callback = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "ledger"))
+    assert callback.max_norm == 1.0 and callback.ledger is trainer.route_ledger
     trainer.train()
+    assert callback.report is not None and set(callback.report.grad_norm) == {
+        "shared",
+        "quarantine",
+    }
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert sum(float(r.load.sum()) for r in handle.routers.values()) > 0

@@ -88,3 +88,29 @@ def test_demix_gradients_follow_dispatch():
                 assert p.grad is not None and p.grad.abs().sum() > 0, n
         # attention is shared and not dispatched: it trains on every label
         assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_demix_masked_is_demix_forward_with_every_shared_gradient_masked():
+    """``demix_masked`` differs from ``sgtm`` in the dispatch alone: forget tokens write
+    nothing into any shared parameter (attention, embeddings, norms included)."""
+    model, route, tokens = _setup(2)
+    q = quarantine_names(model)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(tokens, route, semantics="demix_masked"),
+            model(tokens, route, semantics="demix"),
+            rtol=0,
+            atol=1e-12,
+        )
+    forget_only = torch.full_like(tokens, FORGET)
+    model.zero_grad(set_to_none=True)
+    token_loss_sum(model(tokens, forget_only, semantics="demix_masked"), tokens).backward()
+    for n, p in model.named_parameters():
+        if n in q:
+            continue
+        assert p.grad is None or bool((p.grad == 0).all()), n
+    assert any(model.get_parameter(n).grad.abs().sum() > 0 for n in q)
+    # plain demix lets forget tokens train shared attention: the confound removed here
+    model.zero_grad(set_to_none=True)
+    token_loss_sum(model(tokens, forget_only, semantics="demix"), tokens).backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

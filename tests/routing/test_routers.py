@@ -139,7 +139,7 @@ def test_expert_choice_capacity_by_hand():
 def test_expert_choice_may_drop_tokens_and_counts_them():
     # K=3, n=3, capacity 1: token 0 is the best choice of experts 0 and 1, token 2 of
     # expert 2, so token 1 gets no expert (dropped)
-    router = BackwardRouter(3, policy="expert_choice", capacity_factor=1.0)
+    router = BackwardRouter(3, policy="expert_choice", capacity_factor=1.0, correct_harmful=False)
     scores = torch.tensor([[1.0, 1.0, -9.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.5]], dtype=F64)
     keep, _ = _decide_scores(router, scores, torch.ones(3, dtype=torch.bool))
     assert keep.tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 1]]
@@ -253,8 +253,8 @@ def test_decide_with_modes_accepts_other_dtypes():
 def test_bias_balancing_evens_out_a_preferred_expert():
     k, n, steps = 4, 32, 60
     gen = torch.Generator().manual_seed(0)
-    balancing = BackwardRouter(k, policy="topk", bias_rate=0.02)
-    control = BackwardRouter(k, policy="topk", bias_rate=0.0)
+    balancing = BackwardRouter(k, policy="topk", bias_rate=0.02, correct_harmful=False)
+    control = BackwardRouter(k, policy="topk", bias_rate=0.0, correct_harmful=False)
     routed = torch.ones(n, dtype=torch.bool)
     bias0, cvs, control_cvs = [], [], []
     for _ in range(steps):
@@ -353,7 +353,12 @@ def test_output_alignment_ignores_gradient_scale(monkeypatch):
 def test_prototype_alignment_moves_unit_prototypes_toward_assigned_gradients():
     k, d, decay = 3, 5, 0.8
     router = BackwardRouter(
-        k, policy="topk", alignment="prototype", d_model=d, prototype_decay=decay
+        k,
+        policy="topk",
+        alignment="prototype",
+        d_model=d,
+        prototype_decay=decay,
+        correct_harmful=False,
     ).double()
     gen = torch.Generator().manual_seed(3)
     n = 12
@@ -431,14 +436,17 @@ def _reference_grads(experts, x, grad_out, on, keep, gate=None):
     return total
 
 
+@pytest.mark.parametrize("correct", [False, True])
 @pytest.mark.parametrize("use_gate", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize(("policy", "top_k", "capacity_factor"), ROUTER_CASES)
 def test_fused_experts_gradients_follow_the_router_exactly(
-    monkeypatch, policy, top_k, capacity_factor, seed, use_gate
+    monkeypatch, policy, top_k, capacity_factor, seed, use_gate, correct
 ):
     experts = _experts(seed)
-    router = BackwardRouter(K, policy=policy, top_k=top_k, capacity_factor=capacity_factor)
+    router = BackwardRouter(
+        K, policy=policy, top_k=top_k, capacity_factor=capacity_factor, correct_harmful=correct
+    )
     decisions = _spy(monkeypatch, router, "decide")
     x, grad_out, plan = _inputs(seed)
     x.requires_grad_(True)
@@ -453,7 +461,9 @@ def test_fused_experts_gradients_follow_the_router_exactly(
     routed = plan.routed
     assert amplified is None
     assert (keep[~routed] == 1).all()  # non-routed tokens: all experts
-    assert (keep[routed] == 0).any()  # the router did restrict something
+    restricted = bool((keep[routed] == 0).any())
+    if not correct or top_k == 1:
+        assert restricted  # the router did restrict something
     on = plan.quarantine_on.squeeze(1)
 
     # forward: the plain sum of all experts, whatever the routing
@@ -470,14 +480,17 @@ def test_fused_experts_gradients_follow_the_router_exactly(
     scores = -(parts.detach() * g[:, None, :]).sum(dim=2)
     scores = scores / (g.norm(dim=1) * parts.detach().sum(dim=1).norm(dim=1))[:, None]
     fresh = BackwardRouter(K, policy=policy, top_k=top_k, capacity_factor=capacity_factor)
-    assert torch.equal(keep[routed], fresh.assign(scores[routed]))
+    expected_keep = fresh.assign(scores[routed])
+    if correct:  # experts that raise the token's loss take its gradient too
+        expected_keep = torch.maximum(expected_keep, (scores[routed] < 0).to(F64))
+    assert torch.equal(keep[routed], expected_keep)
 
     # parameter gradients: only the kept (token, expert) pairs
     expected = _reference_grads(experts, x.detach(), grad_out, on, keep, gate)
     for name, p, e in zip(("up", "up_bias", "down"), experts.parameters(), expected, strict=True):
         assert_close(p.grad, e, rtol=0, atol=1e-12, msg=name)
     unrouted = _reference_grads(experts, x.detach(), grad_out, on, torch.ones_like(keep), gate)
-    assert not torch.allclose(experts.down.grad, unrouted[2])
+    assert torch.allclose(experts.down.grad, unrouted[2]) != restricted
 
     # activation gradients are the ordinary ones
     (y_ref * grad_out).sum().backward()
@@ -689,3 +702,49 @@ def test_router_config_build():
     for bad in (dict(policy="nope"), dict(temperature=0.0), dict(bias_rate=-1.0)):
         with pytest.raises(ValueError):
             RouterConfig(**bad)
+
+
+# -- controls (random, oracle) and the correction of harmful experts -------------------------
+
+
+def test_oracle_sends_forget_mode_m_to_expert_m_minus_one():
+    router = BackwardRouter(4, policy="oracle", n_modes=8, correct_harmful=False).double()
+    scores = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    mode = torch.tensor([1, 2, 3, 4, 5, -1])
+    keep, _ = _decide_scores(router, scores, torch.ones(6, dtype=torch.bool), mode)
+    expected = torch.zeros(6, 4, dtype=F64)
+    for row, expert in enumerate([0, 1, 2, 3, 0]):
+        expected[row, expert] = 1
+    expected[5] = 1  # no mode: every expert
+    assert torch.equal(keep, expected)
+
+
+def test_random_assignment_ignores_scores_is_uniform_and_resumes_exactly():
+    k, n = 4, 4000
+    router = BackwardRouter(k, policy="random", seed=3, correct_harmful=False).double()
+    scores = torch.zeros(n, k, dtype=F64)
+    scores[:, 0] = 1.0  # every token prefers expert 0: random must not care
+    keep, _ = _decide_scores(router, scores, torch.ones(n, dtype=torch.bool))
+    assert torch.equal(keep.sum(dim=1), torch.ones(n, dtype=F64))
+    share = keep.sum(dim=0) / n
+    assert float((share - 1 / k).abs().max()) < 0.03  # binomial sd 0.007
+    # the draw depends on (seed, number of earlier calls), both in the state dict
+    state = copy.deepcopy(router.state_dict())
+    first, _ = _decide_scores(router, scores[:50], torch.ones(50, dtype=torch.bool))
+    resumed = BackwardRouter(k, policy="random", seed=3, correct_harmful=False).double()
+    resumed.load_state_dict(state)
+    again, _ = _decide_scores(resumed, scores[:50], torch.ones(50, dtype=torch.bool))
+    assert torch.equal(first, again)
+    second, _ = _decide_scores(router, scores[:50], torch.ones(50, dtype=torch.bool))
+    assert not torch.equal(first, second)
+
+
+def test_correction_gives_harmful_experts_the_gradient_and_counts_it():
+    router = BackwardRouter(3, policy="topk", correct_harmful=True).double()
+    scores = torch.tensor([[0.5, -0.2, 0.1], [0.1, 0.3, 0.2], [-0.1, -0.3, 0.4]], dtype=F64)
+    routed = torch.tensor([True, True, False])
+    keep, _ = _decide_scores(router, scores, routed)
+    # token 0: top-1 is expert 0, expert 1 hurts it; token 1: top-1 only; token 2 not routed
+    assert keep.tolist() == [[1, 1, 0], [0, 1, 0], [1, 1, 1]]
+    assert float(router.corrected_pairs) == 1
+    assert router.load.tolist() == [1, 1, 0]  # loads count the assignment only

@@ -3,16 +3,18 @@ steps in which no token could train them (SGTM reference trainer's weak point)."
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from evil_moe.models import testbed as tb
-from evil_moe.modules.ablation import quarantine_parameters
+from evil_moe.modules.ablation import parameter_groups, quarantine_parameters
+from evil_moe.modules.experts import GateConfig
 from evil_moe.routing.labels import RouteLabel
 from evil_moe.routing.optim import (
     ParameterGroups,
     StepLedger,
     clip_grad_norm_by_group,
-    parameter_groups,
+    routed_step,
 )
 
 EMBEDDINGS = {"wte.weight", "wpe.weight"}
@@ -150,25 +152,92 @@ def test_accumulation_forget_then_unlabeled_trains_shared():
     _moved(before, _snapshot(model, opt), _names(model, groups.routed_shared))
 
 
-def test_ledger_skips_exactly_the_untrained_parameters():
+def test_ledger_releases_what_the_labels_do_not_allow():
     model, groups, _, _ = _setup()
     ledger = StepLedger(groups)
-    ledger.record(None)
+    ledger.record(None)  # an unrouted batch trains like unlabeled data
     # no gradient at all: everything idle
     assert ledger.release_idle() == {"shared": True, "quarantine": True}
-    # gradients everywhere: nothing idle, nothing dropped
+    # zero gradients of parameters the labels allow are kept: the optimizer steps them
     for p in model.parameters():
-        p.grad = torch.ones_like(p)
+        p.grad = torch.zeros_like(p)
+    ledger.record(torch.tensor([RouteLabel.UNLABELED]))
     assert ledger.release_idle() == {"shared": False, "quarantine": False}
     assert all(p.grad is not None for p in model.parameters())
-    # an exactly-zero gradient is dropped; a tiny nonzero one is kept
+    # forget only: every routed shared gradient is released, whatever its value
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    ledger.record(["forget", "forget"])
+    assert ledger.release_idle() == {"shared": True, "quarantine": False}
+    assert all(p.grad is None for p in groups.routed_shared)
+    assert all(p.grad is not None for p in groups.quarantine)
+    # retain only: the quarantine is released
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    ledger.record(torch.zeros(2, 3, dtype=torch.long))
+    assert ledger.release_idle() == {"shared": False, "quarantine": True}
+    # the ledger starts afresh after each step: nothing recorded is an error, not a guess
+    with pytest.raises(RuntimeError, match="no route labels were recorded"):
+        ledger.release_idle()
+    # without routing, labels do not matter and nothing is released
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert StepLedger(groups, "none").release_idle() == {"shared": False, "quarantine": False}
+
+
+@pytest.mark.parametrize("semantics", ["demix", "gradient_routing"])
+def test_ledger_keeps_exactly_the_reached_parameters_when_forget_trains_some(semantics):
+    """Forget tokens train only some shared parameters under DEMix and gradient routing
+    (the model's structure decides which): on a forget-only step a shared parameter is
+    stepped exactly when its gradient is nonzero."""
+    model, groups, _, _ = _setup()
+    ledger = StepLedger(groups, semantics)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
     first, second = groups.routed_shared[0], groups.routed_shared[1]
-    first.grad = torch.zeros_like(first)
-    second.grad = torch.zeros_like(second)
     second.grad.view(-1)[0] = 1e-30
+    ledger.record([RouteLabel.FORGET])
     ledger.release_idle()
     assert first.grad is None and second.grad is not None
-    assert not ledger.labels_seen, "the ledger resets after each step"
+    assert all(p.grad is not None for p in groups.quarantine)  # forget trains the quarantine
+
+
+def test_a_soft_gate_is_trained_by_every_token():
+    """The gate's pin loss trains it on retain tokens: it is never released."""
+    model, groups, opt, tokens = _setup(gate=GateConfig(enabled=True, pin_weight=1.0))
+    gates = {n for n in _names(model, groups.quarantine) if "gate" in n}
+    assert gates and _names(model, groups.open_quarantine) == gates
+    ledger = StepLedger(groups)
+    route = torch.full_like(tokens, int(RouteLabel.RETAIN))
+    loss = tb.lm_loss(model(tokens, route), tokens, reduction="sum")
+    (loss + sum(model.aux_losses().values())).backward()
+    ledger.record(route)
+    before = _snapshot(model, opt)
+    assert routed_step(opt, ledger).skipped == ["quarantine"]
+    _moved(before, _snapshot(model, opt), gates)
+    _unchanged(before, _snapshot(model, opt), _names(model, groups.quarantine) - gates)
+
+
+def test_routed_step_releases_clips_steps_and_zeroes():
+    model, groups, opt, tokens = _setup()
+    ledger = StepLedger(groups)
+    ledger.record(_backward(model, tokens, RouteLabel.FORGET))
+    before = _snapshot(model, opt)
+    report = routed_step(opt, ledger, max_norm=1e-3)
+    assert report.idle == {"shared": True, "quarantine": False}
+    assert report.skipped == ["shared"]
+    assert report.grad_norm["shared"] == 0.0 and report.grad_norm["quarantine"] > 1e-3
+    assert all(p.grad is None for p in model.parameters())
+    after = _snapshot(model, opt)
+    _unchanged(before, after, _names(model, groups.routed_shared))
+    _moved(before, after, _names(model, groups.quarantine))
+    # a zero gradient of a parameter that the labels allow is stepped: AdamW state exists
+    ledger.record(_backward(model, tokens, RouteLabel.UNLABELED))
+    fresh = groups.routed_shared[0]
+    opt.state.pop(fresh)
+    fresh.grad.zero_()
+    assert routed_step(opt, ledger).grad_norm == {}  # no max_norm: no clipping
+    assert opt.state[fresh]["step"] == 1
 
 
 def test_ledger_keeps_demix_attention_gradient_on_forget_only_steps():

@@ -7,8 +7,8 @@ import sqlite3
 import pytest
 
 from evil_moe.cli.main import EXIT_BAD_INPUT, main
+from evil_moe.study.claims import load_claims
 from evil_moe.study.spec import (
-    REFERENCE_METHODS,
     StudyError,
     config_hash,
     expand,
@@ -17,20 +17,50 @@ from evil_moe.study.spec import (
     unique_runs,
 )
 from evil_moe.study.store import SCHEMA_VERSION, STORE_NAME, ResultStore, StoreError
-from evil_moe.train.variants import TABLE_ROW, VARIANTS
 
 
-def test_presets_parse_and_cover_the_table():
-    quick, _ = load_spec("quick")
-    full, _ = load_spec("full")
-    for spec in (quick, full):
-        assert set(TABLE_ROW) <= set(spec.grid.variants)
-        assert {"filter", "none"} <= set(spec.grid.variants)
-        assert len(spec.grid.seeds) >= 3
-    assert set(full.grid.variants) >= set(VARIANTS) | set(REFERENCE_METHODS)
-    assert len(full.grid.recalls) >= 4
-    assert set(full.grid.corpora) == {"bilingual", "hacks"}
-    assert quick.study_id != full.study_id
+@pytest.mark.parametrize("preset", ["quick", "settle", "full"])
+def test_presets_parse_and_test_every_claim_and_gate(preset):
+    spec, _ = load_spec(preset)
+    names = set(spec.variants_in())
+    _, claims = load_claims()
+    for claim in claims:
+        assert {claim.variant, claim.reference} <= names, claim.id
+    assert {"filter", "oracle4", "random4"} <= names  # the controls of the gates
+    assert "hacks" in {c for b in spec.grid for c in b.corpora}
+    assert all(len(b.seeds) >= 2 for b in spec.grid)
+    # every contrast is at equal quarantine parameters on the preset's own testbed
+    runs = [r for r in expand(spec) if r.kind == "grid"]
+    for claim in claims:
+        sizes = set()
+        for run in runs:
+            if run.name in (claim.variant, claim.reference):
+                m = run.config.model
+                sizes.add((m.quarantine_width, m.n_quarantine_heads))
+        assert len(sizes) == 1, (claim.id, sizes)
+
+
+def test_grid_blocks_sweeps_and_preset_variants(preset_factory):
+    extra = (
+        '\n[variants]\nwide = ["model.mlp_width=40"]\n'
+        '\n[[grid]]\nname = "lr"\nvariants = ["single", "wide"]\nseeds = [3]\n'
+        'recalls = [0.2]\ncorpora = ["bilingual"]\nsweep = {"train.lr" = [0.01, 0.1]}\n'
+        'overrides = ["train.epochs=2"]\n'
+    )
+    text = preset_factory(["single"], [0], extra="").read_text().replace("[grid]", "[[grid]]")
+    path = preset_factory(["single"], [0], name="blocks").parent / "blocks2.toml"
+    path.write_text(text + extra, encoding="utf-8")
+    spec, _ = load_spec(str(path))
+    assert [b.name for b in spec.grid] == ["main", "lr"]
+    lr_runs = [r for r in expand(spec) if r.block == "lr"]
+    assert len(lr_runs) == 4
+    assert {(r.name, r.config.train.lr) for r in lr_runs} == {
+        (n, lr) for n in ("single", "wide") for lr in (0.01, 0.1)
+    }
+    assert all(r.config.train.epochs == 2 and r.config.monitor.recall == 0.2 for r in lr_runs)
+    assert {r.config.model.mlp_width for r in lr_runs if r.name == "wide"} == {40}
+    pairs = {r.pair_key for r in lr_runs}
+    assert len(pairs) == 2  # variants pair up within a sweep value, not across
 
 
 def test_runs_are_keyed_by_the_hash_of_their_resolved_config(preset_factory):
@@ -60,10 +90,18 @@ def test_runs_are_keyed_by_the_hash_of_their_resolved_config(preset_factory):
         ({"grdi": {}}, "[grdi]"),
         ({"base": {"model": {"d_modle": 8}}}, "d_modle"),
         ({"base": {"train": {"steps": "many"}}}, "train.steps"),
-        ({"grid": {"variants": ["single"], "recalls": [1.0]}}, "grid.recalls"),
+        ({"grid": {"variants": ["single"], "recalls": [1.0]}}, "grid[main].recalls"),
         ({"baseline": {"forget_tokens": [100, -1]}}, "forget_tokens"),
         ({"measure": {"interpolation": "spline"}}, "interpolation"),
         ({"grid": {"variants": ["single"], "seeds": "0"}}, "grid.seeds"),
+        ({"grid": [{"name": "a"}, {"name": "a"}]}, "same name"),
+        (
+            {"grid": {"variants": ["single"], "sweep": {"train.lr": [1], "train.seed": [1]}}},
+            "sweep",
+        ),
+        ({"baseline": {"corpora": ["hacks"]}}, "baseline.corpora"),
+        ({"verdict": {"filter_leakage": [1.2, 0.8]}}, "filter_leakage"),
+        ({"variants": {"mine": "model.d_model=8"}}, "variants"),
     ],
 )
 def test_bad_presets_are_refused(change, expect):

@@ -8,18 +8,18 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from evil_moe.cli.main import main
+from evil_moe.study.claims import load_claims
 from evil_moe.study.spec import expand, load_spec, unique_runs
 from evil_moe.study.store import STORE_NAME
-from evil_moe.train.variants import TABLE_ROW
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-ALL = [*TABLE_ROW, "soft_gate", "filter", "none"]
+_CLAIMS = load_claims()[1]
+ALL = sorted({c.variant for c in _CLAIMS} | {c.reference for c in _CLAIMS} | {"filter", "oracle4"})
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +46,23 @@ def test_the_report_has_every_table_row(tiny_study):
     assert len(_stored(out)) == len(unique_runs(expand(spec)))
     verdicts = json.loads((out / "verdicts.json").read_text())
     assert [r["row"] for r in verdicts["rows"]] == list(range(1, 8))
-    for row in verdicts["rows"]:
-        assert row["verdict"] in ("supported", "refuted", "inconclusive")
-        assert row["claims"] and all("rule" in c for c in row["claims"])
+    assert [c["id"] for c in verdicts["claims"]] == [c.id for c in _CLAIMS]
+    for claim in verdicts["claims"]:
+        assert claim["verdict"] in ("supported", "refuted", "inconclusive")
+        assert "rule" in claim or "reason" in claim
+        if "test" in claim:  # every tested claim states its reference and interval
+            assert claim["reference"] and claim["difference"]["n"] >= 1
+    assert {g["gate"] for g in verdicts["gates"]} == {
+        "data filtering has leakage about 1",
+        "oracle assignment specialises",
+        "random assignment does not specialise",
+    }
+    assert isinstance(verdicts["verdicts_issued"], bool)
     assert not verdicts["missing_runs"]
-    assert {r["name"] for r in verdicts["references"]} >= {"filter", "none"}
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     for row in verdicts["rows"]:
-        assert row["mechanism"] in md
+        assert row["mechanism"] in md and row["mechanism"] in page
     for name in ALL:
         assert name in md and name in page
     assert page.count("data:image/png;base64,") >= 5, "plots are embedded"
@@ -79,40 +87,22 @@ def test_a_different_study_cannot_reuse_the_directory(tiny_study, preset_factory
     assert _stored(out) == before
 
 
-def test_resume_after_kill_9_loses_nothing_and_counts_nothing_twice(tmp_path, preset_factory):
+def test_resume_after_kill_9_loses_nothing_and_counts_nothing_twice(
+    tmp_path, preset_factory, cli_process
+):
     preset = preset_factory(["single", "filter", "fine4"], [0, 1], steps=40)
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "evil_moe.cli.main",
-        "study",
-        "--preset",
-        str(preset),
-        "--out",
-        str(out),
-        "--jobs",
-        "2",
-        "--quiet",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if (out / STORE_NAME).exists() and _stored(out):
-                break
-            assert proc.poll() is None, "the study ended before it could be killed"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the study and its workers, mid-run
-    finally:
-        proc.wait(timeout=30)
+    args = ["study", "--preset", str(preset), "--out", str(out), "--jobs", "2", "--quiet"]
+    study = cli_process(args)
+    study.wait_for(lambda: (out / STORE_NAME).exists() and bool(_stored(out)), "a stored run")
+    study.signal_group(signal.SIGKILL)  # the study and its workers, mid-run
+    study.finish()
     survived = _stored(out)
     spec, _ = load_spec(str(preset))
     total = len(unique_runs(expand(spec)))
     assert 1 <= len(survived) < total, "killed mid-grid"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    cmd = [sys.executable, "-m", "evil_moe.cli.main", *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     after = _stored(out)
@@ -121,41 +111,30 @@ def test_resume_after_kill_9_loses_nothing_and_counts_nothing_twice(tmp_path, pr
     assert f"{len(survived)} already finished" in result.stderr
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path, preset_factory):
+def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(
+    tmp_path, preset_factory, cli_process, stop_case
+):
     preset = preset_factory(["single", "fine4"], [0, 1], steps=40)
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "evil_moe.cli.main",
-        "study",
-        "--preset",
-        str(preset),
-        "--out",
-        str(out),
-        "--jobs",
-        "2",
-        "--quiet",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    total = len(unique_runs(expand(load_spec(str(preset))[0])))
+    study = cli_process(
+        ["study", "--preset", str(preset), "--out", str(out), "--jobs", "2", "--quiet"],
+        sigint_ignored=stop_case.sigint_ignored,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((out / STORE_NAME).exists() and _stored(out)):
-        assert proc.poll() is None, "the study ended before it could be interrupted"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
+    seen: list[tuple[str, str]] = []
+
+    def some_finished_and_more_to_run() -> bool:
+        seen[:] = _stored(out) if (out / STORE_NAME).exists() else []
+        return 1 <= len(seen) < total
+
+    study.wait_for(some_finished_and_more_to_run, "a run finished with more in flight")
+    study.signal_group(stop_case.signum)  # what a terminal's Ctrl-C (or Slurm's SIGTERM) sends
+    returncode, err = study.finish()
+    assert returncode == stop_case.code, err
+    assert stop_case.word in err
     kept = _stored(out)
-    assert kept, "finished runs survive"
+    assert set(seen) <= set(kept) and len(kept) < total, "finished runs survive, no more"
     conn = sqlite3.connect(out / STORE_NAME)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
+    study.wait_group_gone()  # no worker process is left behind

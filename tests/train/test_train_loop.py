@@ -25,7 +25,28 @@ def test_same_seed_same_numbers(tiny_overrides):
     assert c.metrics["loss"] != a.metrics["loss"]
 
 
-@pytest.mark.parametrize("method", ["none", "filter", "gradient_routing", "demix"])
+def test_epochs_give_every_arm_the_same_retain_tokens(tiny_overrides):
+    """With ``train.epochs`` every training sequence is seen exactly that often, so arms
+    with different forget data (filter, routed, curve runs) see the same retain tokens."""
+    from evil_moe.study.worker import seen_tokens
+
+    exposures = {}
+    for method in ("sgtm", "filter"):
+        cfg = load_config(None, [*tiny_overrides, "train.epochs=2", f"train.method={method}"])
+        run = prepare_run(cfg)
+        exposures[method] = seen_tokens(run.train, cfg)
+        assert exposures[method] == {k: 2 * v for k, v in run.token_counts.items() if v}
+        result = train(cfg, progress=False, prepared=run)
+        steps = -(-2 * len(run.train) // cfg.train.batch_size)
+        assert result.metrics["steps"] == steps and result.log[-1]["step"] == steps
+        conv = result.metrics["retain_convergence"]
+        assert conv["last20_change"] == pytest.approx(conv["final"] - conv["at_80"])
+    for cat in ("retain", "retain_unlabeled"):
+        assert exposures["sgtm"][cat] == exposures["filter"][cat]
+    assert "forget_labeled" not in exposures["filter"]
+
+
+@pytest.mark.parametrize("method", ["none", "filter", "gradient_routing", "demix", "demix_masked"])
 def test_every_method_runs(tiny_overrides, method):
     result = train(load_config(None, [*tiny_overrides, f"train.method={method}"]), progress=False)
     assert result.metrics["method"] == method
@@ -76,3 +97,12 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_overrides, monke
         reference.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
     ):
         assert torch.equal(pa, pb), name
+
+
+def test_spike_counter_counts_jumps_and_every_non_finite_step():
+    from evil_moe.train.loop import SpikeCounter
+
+    counter = SpikeCounter(warmup=2)
+    for loss in [5.0, 4.0, 3.9, 3.8, 7.0, 3.7, float("nan"), float("inf"), 3.6]:
+        counter.update(loss)
+    assert counter.count == 3  # 7.0 > 1.25 x EMA (about 4.8), then nan and inf

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from evil_moe.study.claims import load_claims
+from evil_moe.study.spec import REFERENCE_METHODS
 from evil_moe.train.config import load_config
 from evil_moe.train.loop import train
-from evil_moe.train.variants import TABLE_ROW, VARIANTS
+from evil_moe.train.variants import VARIANTS
 
 
-def test_every_table_row_has_a_variant():
-    assert set(TABLE_ROW.values()) == set(range(8))
-    assert set(TABLE_ROW) <= set(VARIANTS)
+def test_every_claim_names_known_variants():
+    _, claims = load_claims()
+    known = set(VARIANTS) | set(REFERENCE_METHODS)
+    assert {c.variant for c in claims} | {c.reference for c in claims} <= known
 
 
 @pytest.mark.parametrize("corpus", ["bilingual", "hacks"])
@@ -32,11 +35,13 @@ def test_variant_runs(variant, corpus, tiny_overrides):
         assert {"hardcode_outputs", "special_case_tests", "skip_checks", "always_equal"} <= set(
             rows
         )
-    routed = cfg.model.router.policy != "all"
+    routed = cfg.model.router.policy != "all" or cfg.model.router.amplify
     assert (spec["routing"] is not None) == routed
-    if routed:
+    if routed and cfg.model.router.policy != "all":
         assert len(spec["routing"]["load"]) == cfg.model.n_experts
         assert spec["routing"]["routed_tokens"] > 0
+        assert m["parameters"]["router_controlled"] > 0
+    assert spec["cancellation"]["mean"] >= 1.0 - 1e-9
     assert "loss_spikes" in m["stability"]
     assert ("router_logit_scale" in m["stability"]) == cfg.model.gate.enabled
     quarantine = m["parameters"]["quarantine"]

@@ -3,14 +3,23 @@
 Bad input (unknown keys, wrong types, out-of-range values, missing or empty data, unknown
 domains) prints one message naming the key or file and exits with status 2, before
 anything is written to ``--out``.
+
+SIGINT (Ctrl-C) and SIGTERM (``kill``, Slurm, container runtimes) stop a command cleanly,
+also when it was started with SIGINT ignored (a background job of a script): finished
+work stays (stored runs, the last checkpoint), worker processes are stopped, and the exit
+status is 130 (SIGINT) or 143 (SIGTERM). Further signals during that cleanup are ignored.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from evil_moe.data.corpus import DataError
@@ -20,6 +29,39 @@ from evil_moe.study.store import StoreError
 from evil_moe.train.config import ConfigError, RunConfig, load_config
 
 EXIT_BAD_INPUT = 2
+#: the signals that stop a command cleanly
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread when a stop signal arrives; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`Stopped` inside the block (whatever their
+    inherited disposition); the previous handlers are restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+    def handler(signum: int, frame: object) -> None:
+        for s in STOP_SIGNALS:  # let the cleanup finish
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
 
 
 def _check_out_dir(out: Path, cfg: RunConfig) -> None:
@@ -69,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from evil_moe.study.analysis import analyse
-    from evil_moe.study.report import verdict_table, write_report
+    from evil_moe.study.report import verdict_rows, write_report
     from evil_moe.study.runner import run_study, threads_per_worker
     from evil_moe.study.spec import expand, load_spec, unique_runs
     from evil_moe.study.store import ResultStore
@@ -115,14 +157,17 @@ def cmd_study(args: argparse.Namespace) -> int:
         analysis = analyse(spec, store.runs())
     finally:
         store.close()
-    paths = write_report(analysis, out, source)
-    _, rows = verdict_table(analysis)
+    command = " ".join(["evil-moe", *sys.argv[1:]]) if sys.argv[1:] else ""
+    paths = write_report(analysis, out, source, command)
     print(
         format_table(
-            ["#", "variants", "note", "verdict", "effect (mean [95% CI])"],
-            [[r[0], r[3], r[2], r[6], r[5]] for r in rows],
+            ["claim", "block", "variant vs reference", "metric", "difference [95% CI]", "verdict"],
+            verdict_rows(analysis),
         )
     )
+    if not analysis.verdicts_issued:
+        failed_gates = [g["gate"] for g in analysis.gates if not g["passed"]]
+        print(f"no verdict issued: validity gate(s) failed: {'; '.join(failed_gates)}")
     print(f"wrote {paths['html']}, {paths['md']}, {paths['json']}")
     if analysis.missing:
         print(
@@ -161,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         "store each finished run in DIR/results.sqlite, then write DIR/report.html, "
         "DIR/report.md and DIR/verdicts.json. Running the same command again resumes.",
     )
-    s.add_argument("--preset", default="quick", help="quick (default), full, or a TOML file")
+    s.add_argument(
+        "--preset", default="quick", help="quick (default), settle, full, or a TOML file"
+    )
     s.add_argument("--out", required=True, help="study directory (results store and report)")
     s.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU cores)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -187,13 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with stop_on_signals():
+            return args.func(args)
     except (ConfigError, DataError, StudyError, StoreError) as err:
         print(f"evil-moe: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("evil-moe: interrupted; finished work is saved", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        what = "interrupted" if signum == signal.SIGINT else "terminated"
+        print(f"evil-moe: {what}; finished work is saved", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

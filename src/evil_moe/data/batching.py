@@ -26,9 +26,10 @@ from evil_moe.data.corpus import (
 )
 from evil_moe.data.monitor import LabelledDocument, Monitor
 from evil_moe.data.tokenizer import EOT_ID, default_tokenizer, encode_texts
+from evil_moe.routing.labels import ROUTE_NAMES, RouteLabel
 
-#: Integer codes of route labels in ``route`` tensors (same as ``routing.labels.RouteLabel``).
-ROUTE_CODES = {"retain": 0, "forget": 1, "unlabeled": 2}
+#: Integer codes of route labels in ``route`` tensors, by name (``routing.labels.ROUTE_NAMES``).
+ROUTE_CODES = ROUTE_NAMES
 #: Evaluation categories of sequences (see :attr:`LabelledDocument.category`).
 CATEGORIES = (
     "retain",
@@ -208,8 +209,7 @@ def pack_documents(
     eot = np.array([EOT_ID], dtype=np.int64)
     for i in order.tolist():
         ld = docs[i]
-        if ld.route not in ROUTE_CODES:
-            raise ValueError(f"unknown route label {ld.route!r}")
+        RouteLabel.parse(ld.route)  # unknown labels fail here
         key = (ld.route, ld.doc.domain, ld.doc.mode, ld.category)
         parts = streams.setdefault(key, [])
         parts.append(np.asarray(token_ids[i], dtype=np.int64))
@@ -358,7 +358,9 @@ class BatchIterator:
     batch may span two epochs and every sequence is seen once per epoch. Batch ``s`` depends
     only on ``(seqs, batch_size, seed, s)``: an iterator built with ``start_step=k`` yields
     exactly what a fresh one yields from step ``k``. ``num_steps`` is the total length of
-    the run counted from step 0 (``None`` = endless). Batches are dicts with ``tokens``
+    the run counted from step 0 (``None`` = endless). With ``epochs`` the stream ends after
+    exactly that many passes (``num_steps`` is derived; the last batch holds the rest), so
+    every sequence is seen exactly ``epochs`` times. Batches are dicts with ``tokens``
     ``[B, L + 1]``, ``route`` ``[B, L]`` and ``mode`` ``[B, L]`` (CPU tensors).
     """
 
@@ -370,6 +372,7 @@ class BatchIterator:
         start_step: int = 0,
         num_steps: int | None = None,
         shuffle: bool = True,
+        epochs: int | None = None,
     ) -> None:
         if len(seqs) == 0:
             raise ValueError("cannot iterate over zero sequences")
@@ -379,6 +382,13 @@ class BatchIterator:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         if num_steps is not None and num_steps < 0:
             raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        if epochs is not None:
+            if num_steps is not None:
+                raise ValueError("give num_steps or epochs, not both")
+            if epochs < 1:
+                raise ValueError(f"epochs must be >= 1, got {epochs}")
+            num_steps = steps_for_epochs(len(seqs), batch_size, epochs)
+        self.limit = None if epochs is None else epochs * len(seqs)
         _rng(seed, _BATCH)  # validates the seed
         self.seqs = seqs
         self.batch_size = batch_size
@@ -410,9 +420,12 @@ class BatchIterator:
     def indices(self, step: int) -> torch.Tensor:
         """Indices into ``seqs`` of the sequences in batch ``step``."""
         n = len(self.seqs)
-        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        end = (step + 1) * self.batch_size
+        if self.limit is not None:
+            end = min(end, self.limit)
+        positions = np.arange(step * self.batch_size, end)
         epochs, offsets = np.divmod(positions, n)
-        out = np.empty(self.batch_size, dtype=np.int64)
+        out = np.empty(len(positions), dtype=np.int64)
         for e in np.unique(epochs).tolist():
             sel = epochs == e
             out[sel] = self._perm(int(e))[offsets[sel]]
@@ -439,6 +452,11 @@ class BatchIterator:
         if self.num_steps is None:
             raise TypeError("an endless BatchIterator has no length")
         return max(0, self.num_steps - self.start_step)
+
+
+def steps_for_epochs(n_sequences: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of ``epochs`` exact passes over ``n_sequences`` (last batch partial)."""
+    return -(-epochs * n_sequences // batch_size)
 
 
 def sequential_batches(seqs: TokenSequences, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:

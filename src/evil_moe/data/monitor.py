@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from evil_moe.data.corpus import Document
+from evil_moe.routing.labels import ROUTE_NAMES
 
-#: The route labels, as strings (``ROUTE_CODES`` in :mod:`evil_moe.data.batching` maps
-#: them to the integer codes of route tensors).
-ROUTES = ("retain", "forget", "unlabeled")
+#: The route labels, as strings (:class:`~evil_moe.routing.labels.RouteLabel` names).
+ROUTES = tuple(ROUTE_NAMES)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ would need to reach the same loss is the run's *equivalent forget tokens*, and
 
 The curve is interpolated in ``x = log(1 + n)``: first an isotonic (non-increasing) fit
 by pool-adjacent-violators, so noise can never make the inverse ambiguous, then either a
-monotone cubic (Fritsch–Carlson PCHIP, the default) or straight lines through the fitted
-points. A loss outside the curve's range is never extrapolated: the estimate carries a
+monotone cubic (PCHIP, the default) or straight lines through the fitted points; the
+inverse is found by Brent's method on the bracketing segment (all from SciPy). A loss outside the curve's range is never extrapolated: the estimate carries a
 bound, ``"<"`` (the loss is above the curve's start: leakage is at most the value at the
 smallest ``n``, which is 0 when ``n = 0`` is on the curve) or ``">"`` (below the curve's
 end: at least the value at the largest ``n``).
@@ -26,52 +26,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from scipy.interpolate import PchipInterpolator
+from scipy.optimize import brentq, isotonic_regression
 
 INTERPOLATIONS = ("pchip", "linear")
 
 
 def isotonic_decreasing(y: Sequence[float], weights: Sequence[float] | None = None) -> np.ndarray:
-    """Least-squares non-increasing fit of ``y`` (pool adjacent violators)."""
+    """Least-squares non-increasing fit of ``y`` (pool adjacent violators, SciPy)."""
     values = np.asarray(y, dtype=np.float64)
-    w = np.ones_like(values) if weights is None else np.asarray(weights, dtype=np.float64)
-    # Fit a non-decreasing sequence to -y, block by block.
-    blocks: list[list[float]] = []  # [mean, weight, count]
-    for v, wi in zip(-values, w, strict=True):
-        blocks.append([float(v), float(wi), 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            m2, w2, c2 = blocks.pop()
-            m1, w1, c1 = blocks.pop()
-            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
-    out = np.concatenate([np.full(int(c), m) for m, _, c in blocks]) if blocks else values
-    return -out
-
-
-def _pchip_slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Fritsch–Carlson derivatives: monotone data give a monotone cubic."""
-    h = np.diff(x)
-    delta = np.diff(y) / h
-    n = len(x)
-    d = np.zeros(n)
-    if n == 2:
-        d[:] = delta[0]
-        return d
-    for i in range(1, n - 1):
-        if delta[i - 1] * delta[i] > 0:
-            w1, w2 = 2 * h[i] + h[i - 1], h[i] + 2 * h[i - 1]
-            d[i] = (w1 + w2) / (w1 / delta[i - 1] + w2 / delta[i])
-    d[0] = _edge_slope(h[0], h[1], delta[0], delta[1])
-    d[-1] = _edge_slope(h[-1], h[-2], delta[-1], delta[-2])
-    return d
-
-
-def _edge_slope(h0: float, h1: float, m0: float, m1: float) -> float:
-    """One-sided three-point end slope, clipped so the cubic stays monotone."""
-    d = ((2 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
-    if np.sign(d) != np.sign(m0):
-        return 0.0
-    if np.sign(m0) != np.sign(m1) and abs(d) > abs(3 * m0):
-        return float(3 * m0)
-    return float(d)
+    if values.size == 0:
+        return values
+    return isotonic_regression(values, weights=weights, increasing=False).x
 
 
 @dataclass
@@ -128,26 +94,19 @@ class BaselineCurve:
         self.x = np.log1p(unique)
         self.y = isotonic_decreasing(means, counts)
         self.interpolation = interpolation
-        self.slopes = _pchip_slopes(self.x, self.y) if interpolation == "pchip" else None
+        self._pchip = PchipInterpolator(self.x, self.y) if interpolation == "pchip" else None
 
     # -- evaluation ----------------------------------------------------------------------
 
-    def _segment(self, i: int, x: float) -> float:
-        x0, x1, y0, y1 = self.x[i], self.x[i + 1], self.y[i], self.y[i + 1]
-        h = x1 - x0
-        t = (x - x0) / h
-        if self.slopes is None:
-            return float(y0 + t * (y1 - y0))
-        d0, d1 = self.slopes[i], self.slopes[i + 1]
-        h00, h10 = 2 * t**3 - 3 * t**2 + 1, t**3 - 2 * t**2 + t
-        h01, h11 = -2 * t**3 + 3 * t**2, t**3 - t**2
-        return float(h00 * y0 + h10 * h * d0 + h01 * y1 + h11 * h * d1)
+    def _at_x(self, x: float) -> float:
+        if self._pchip is not None:
+            return float(self._pchip(x))
+        return float(np.interp(x, self.x, self.y))
 
     def loss_at(self, tokens: float) -> float:
         """Interpolated forget loss after ``tokens`` forget tokens (clamped to the range)."""
         x = min(max(math.log1p(max(tokens, 0.0)), self.x[0]), self.x[-1])
-        i = min(int(np.searchsorted(self.x, x, side="right")) - 1, len(self.x) - 2)
-        return self._segment(max(i, 0), x)
+        return self._at_x(x)
 
     @property
     def loss_range(self) -> tuple[float, float]:
@@ -172,16 +131,8 @@ class BaselineCurve:
             x = 0.5 * (self.x[equal[0]] + self.x[equal[-1]])
             return float(math.expm1(x)), ""
         i = int(np.nonzero(self.y > loss)[0][-1])  # y[i] > loss > y[i + 1]
-        lo, hi = float(self.x[i]), float(self.x[i + 1])
-        for _ in range(100):  # bisection on a monotone segment
-            mid = 0.5 * (lo + hi)
-            if self._segment(i, mid) > loss:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo < 1e-12:
-                break
-        return float(math.expm1(0.5 * (lo + hi))), ""
+        x = brentq(lambda v: self._at_x(v) - loss, self.x[i], self.x[i + 1], xtol=1e-12)
+        return float(math.expm1(x)), ""
 
     def leakage(self, loss: float, undiscovered_tokens: float) -> LeakageEstimate:
         """Leakage of a run whose deployed forget loss is ``loss``."""

@@ -1,18 +1,23 @@
-"""Relearning: how many fine-tuning steps on forget data bring the removed capability back.
+"""After ablation: fine-tuning the deployed model, and what comes back.
 
-After a routed run, the quarantine is ablated for good (zeroed and frozen) and the
-deployed model is fine-tuned on forget-domain training data with the training loop's own
-components (:func:`~evil_moe.train.loop.make_optimizer`, :func:`~evil_moe.train.loop.train_step`,
-per-group clipping), unrouted. Every ``eval_every`` steps the held-out forget loss is
-measured; the answer is the first step at which it is back at (or below) the
-pre-ablation loss ``target``, or ``None`` if that did not happen within ``max_steps``
-(the cap is reported with the result). A fast relearner means the removal was shallow.
+Two uses of one measurement, :func:`finetune_curve`: an ablated copy of a trained model
+(quarantine zeroed and frozen) is fine-tuned, unrouted, with the training loop's own
+components, and held-out losses are measured every ``eval_every`` steps.
+
+* **Relearning** (robustness of the removal): fine-tuning on forget-domain data; the
+  answer is the first step at which the held-out forget loss reaches a *target*. The
+  study sets one target for every arm of a corpus, seed and recall (see
+  ``evil_moe.study.analysis``), so arms are compared on the same scale; a fast relearner
+  means the removal was shallow. :func:`steps_to_target` reads it off a curve.
+* **Retain fine-tuning** (does the forget capability come back by itself?): fine-tuning
+  on retain data only, watching the held-out forget loss.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,9 +25,63 @@ import torch
 from evil_moe.data.batching import BatchIterator, TokenSequences
 from evil_moe.eval.losses import mean_token_loss
 from evil_moe.models.testbed import Testbed
-from evil_moe.modules.ablation import ablate
-from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group, parameter_groups
+from evil_moe.modules.ablation import ablate, parameter_groups
+from evil_moe.routing.optim import StepLedger, routed_step
 from evil_moe.train.config import RunConfig
+
+
+def finetune_curve(
+    model: Testbed,
+    cfg: RunConfig,
+    train_seqs: TokenSequences,
+    eval_tokens: Mapping[str, torch.Tensor],
+    steps: int,
+    eval_every: int = 5,
+    lr: float | None = None,
+    seed_offset: int = 7919,
+) -> dict[str, list[tuple[int, float]]]:
+    """Fine-tune an ablated copy of ``model`` on ``train_seqs`` for ``steps`` steps.
+
+    Returns, per name of ``eval_tokens`` (held-out tokens ``[M, L+1]``), the curve of
+    ``(step, mean token loss)`` from step 0 (ablated, before fine-tuning) to ``steps``.
+    ``model`` itself is untouched.
+    """
+    from evil_moe.train.loop import make_optimizer, train_step, unrouted_names
+
+    if steps < 1 or eval_every < 1:
+        raise ValueError("steps and eval_every must be >= 1")
+    if len(train_seqs) == 0:
+        raise ValueError("fine-tuning needs training sequences")
+    t = cfg.train
+    tuned = copy.deepcopy(model)
+    ablate(tuned, freeze=True)
+    tune_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, lr=lr or t.lr))
+    optimizer = make_optimizer(tuned, tune_cfg)
+    ledger = StepLedger(parameter_groups(tuned, unrouted_names(tuned)), "none")
+    batches = iter(BatchIterator(train_seqs, t.batch_size, seed=t.seed + seed_offset))
+
+    def measure(step: int) -> None:
+        tuned.eval()
+        for name, tokens in eval_tokens.items():
+            curves[name].append((step, mean_token_loss(tuned, tokens, t.batch_size)))
+
+    curves: dict[str, list[tuple[int, float]]] = {name: [] for name in eval_tokens}
+    measure(0)
+    for step in range(1, steps + 1):
+        tuned.train()
+        train_step(tuned, next(batches), "none", ledger)
+        routed_step(optimizer, ledger, t.grad_clip)
+        if step % eval_every == 0 or step == steps:
+            measure(step)
+    return curves
+
+
+def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
+    """First step of ``curve`` whose loss is at or below ``target`` (``None``: never)."""
+    for step, loss in curve:
+        if loss <= target:
+            return step
+    return None
 
 
 def relearning_steps(
@@ -34,53 +93,19 @@ def relearning_steps(
     max_steps: int = 50,
     eval_every: int = 5,
     lr: float | None = None,
-    tolerance: float = 0.0,
 ) -> dict[str, Any]:
-    """Fine-tune an ablated copy of ``model`` on ``forget_train`` until held-out forget loss
-    (``forget_eval`` tokens ``[M, L+1]``) is ``<= target + tolerance``; ``model`` is untouched.
+    """Fine-tune an ablated copy on ``forget_train`` for ``max_steps`` steps and report the
+    first step at which held-out forget loss is ``<= target`` (``None``: not within the cap).
 
-    Returns ``{"steps": int | None, "max_steps", "target", "start_loss", "curve"}`` where
-    ``curve`` lists ``(step, loss)`` and ``steps`` is ``None`` when the cap was reached.
+    Returns ``{"steps", "max_steps", "target", "start_loss", "curve"}``.
     """
-    from evil_moe.train.loop import make_optimizer, train_step, unrouted_names
-
-    if max_steps < 1 or eval_every < 1:
-        raise ValueError("max_steps and eval_every must be >= 1")
-    if len(forget_train) == 0:
-        raise ValueError("relearning needs forget training sequences")
-    t = cfg.train
-    tuned = copy.deepcopy(model)
-    ablate(tuned, freeze=True)
-    relearn_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, lr=lr or t.lr))
-    optimizer = make_optimizer(tuned, relearn_cfg)
-    groups = parameter_groups(tuned, unrouted_names(tuned))
-    ledger = StepLedger(groups, "none")
-    batches = iter(BatchIterator(forget_train, t.batch_size, seed=t.seed + 7919))
-    tuned.eval()
-    start = mean_token_loss(tuned, forget_eval, t.batch_size)
-    curve: list[tuple[int, float]] = [(0, start)]
-    result: dict[str, Any] = {
-        "steps": 0 if start <= target + tolerance else None,
+    curve = finetune_curve(
+        model, cfg, forget_train, {"forget": forget_eval}, max_steps, eval_every, lr
+    )["forget"]
+    return {
+        "steps": steps_to_target(curve, target),
         "max_steps": max_steps,
         "target": target,
-        "start_loss": start,
+        "start_loss": curve[0][1],
         "curve": curve,
     }
-    if result["steps"] == 0:
-        return result
-    for step in range(1, max_steps + 1):
-        tuned.train()
-        train_step(tuned, next(batches), "none", ledger)
-        ledger.release_idle()
-        if t.grad_clip > 0:
-            clip_grad_norm_by_group(groups, t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % eval_every == 0 or step == max_steps:
-            tuned.eval()
-            loss = mean_token_loss(tuned, forget_eval, t.batch_size)
-            curve.append((step, loss))
-            if loss <= target + tolerance:
-                result["steps"] = step
-                break
-    return result

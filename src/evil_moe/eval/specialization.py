@@ -2,9 +2,10 @@
 
 Two views. *Routing statistics* come from the backward routers' counters (which expert
 took which routed token's gradient during training). The *ablation matrix* is measured
-on held-out data: for each forget mode (and retain) and each expert, the loss increase
-when that expert alone is ablated. Its normalised mutual information says whether the
-experts specialise by mode in what they actually do, whatever the router did.
+on held-out data (:mod:`evil_moe.eval.expert_ablation`): for each forget mode (and
+retain) and each (layer, expert) unit, the loss increase when that unit alone is replaced
+by its mean output. Its normalised mutual information, against a permutation null, says
+whether the experts specialise by mode in what they actually do, whatever the router did.
 """
 
 from __future__ import annotations
@@ -17,38 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from evil_moe.eval.losses import mean_token_loss
-from evil_moe.modules.ablation import ablated
+from evil_moe.eval.expert_ablation import (
+    cancellation_ratio,
+    distinctive_losses,
+    mean_ablation_matrix,
+    normalized_mutual_information,
+)
 from evil_moe.routing.routers import BackwardRouter
 
 #: a layer is collapsed when one expert takes more than this share of its routed load
 COLLAPSE_SHARE = 0.9
-
-
-def normalized_mutual_information(counts: np.ndarray) -> float:
-    """NMI of a joint count (or mass) table ``[rows, cols]``: ``2 I / (H_rows + H_cols)``.
-
-    0 when rows and columns are independent (or one side is constant), 1 when each row
-    maps to its own column.
-    """
-    p = np.asarray(counts, dtype=np.float64)
-    p = np.clip(p, 0, None)
-    total = p.sum()
-    if total <= 0:
-        return 0.0
-    p = p / total
-    pr, pc = p.sum(axis=1), p.sum(axis=0)
-
-    def entropy(q: np.ndarray) -> float:
-        q = q[q > 0]
-        return float(-(q * np.log(q)).sum())
-
-    hr, hc = entropy(pr), entropy(pc)
-    if hr <= 0 or hc <= 0:
-        return 0.0
-    nz = p > 0
-    mi = float((p[nz] * np.log(p[nz] / np.outer(pr, pc)[nz])).sum())
-    return max(0.0, min(1.0, 2 * mi / (hr + hc)))
 
 
 def coefficient_of_variation(load: np.ndarray) -> float:
@@ -70,7 +49,7 @@ def routing_statistics(
     layers = []
     total_load = np.zeros(found[0].n_experts)
     mode_load = np.zeros_like(found[0].mode_load.numpy())
-    routed = dropped = amplified = entropy = 0.0
+    routed = dropped = amplified = entropy = corrected = 0.0
     for r in found:
         load = r.load.double().numpy()
         total_load += load
@@ -79,6 +58,7 @@ def routing_statistics(
         dropped += float(r.dropped_tokens)
         amplified += float(r.amplified_tokens)
         entropy += float(r.entropy_sum)
+        corrected += float(r.corrected_pairs)
         share = load / load.sum() if load.sum() > 0 else load
         layers.append(
             {
@@ -106,6 +86,7 @@ def routing_statistics(
         "max_entropy": math.log(found[0].n_experts),
         "dropped_share": dropped / routed if routed else 0.0,
         "amplified_tokens": int(amplified),
+        "corrected_pairs_per_token": corrected / routed if routed else 0.0,
         "routed_tokens": int(routed),
         "nmi_mode_expert": normalized_mutual_information(mode_load[rows]) if rows else None,
         "mode_expert_counts": {names.get(i, str(i)): mode_load[i].tolist() for i in rows},
@@ -114,27 +95,43 @@ def routing_statistics(
     }
 
 
-def ablation_matrix(
-    model: nn.Module,
-    rows: Mapping[str, torch.Tensor],
-    n_experts: int,
-    batch_size: int = 32,
-) -> dict[str, Any]:
-    """Loss increase on each row's held-out tokens when one expert alone is ablated."""
-    base = {name: mean_token_loss(model, tokens, batch_size) for name, tokens in rows.items()}
-    increase = {name: [] for name in rows}
-    for k in range(n_experts):
-        with ablated(model, experts=[k]):
-            for name, tokens in rows.items():
-                increase[name].append(mean_token_loss(model, tokens, batch_size) - base[name])
-    forget_rows = [name for name in rows if name != "retain"]
-    matrix = np.array([increase[name] for name in forget_rows]) if forget_rows else np.zeros((0, 0))
-    return {
-        "experts": [f"q{k}" for k in range(n_experts)],
-        "rows": list(rows),
-        "increase": increase,
-        "nmi_mode_expert": normalized_mutual_information(matrix) if len(forget_rows) > 1 else None,
-    }
+@torch.no_grad()
+def gate_load(model: nn.Module, rows: dict[str, torch.Tensor], batch_size: int) -> dict | None:
+    """Mean soft-gate weight per quarantine expert on held-out tokens of each row.
+
+    Returns per row the expert shares, their coefficient of variation, and the quarantine
+    probability mass; ``None`` when the model has no learned gate.
+    """
+    gates = [m for m in model.modules() if type(m).__name__ == "SoftGate"]
+    if not gates:
+        return None
+    captured: list[torch.Tensor] = []
+    hooks = [g.register_forward_hook(lambda _m, _i, out: captured.append(out)) for g in gates]
+    was_training = model.training
+    model.eval()
+    out: dict[str, Any] = {}
+    try:
+        for name, tokens in rows.items():
+            if tokens.shape[0] == 0:
+                continue
+            captured.clear()
+            for i in range(0, tokens.shape[0], batch_size):
+                model(tokens[i : i + batch_size, :-1])
+            k = captured[0].shape[-1]
+            scales = torch.cat([c.reshape(-1, k).double() for c in captured])
+            mean = scales.mean(dim=0)  # (K + 1) * p_k
+            share = mean / mean.sum() if float(mean.sum()) > 0 else mean
+            cv = float(share.std(unbiased=False) / share.mean()) if k > 1 else 0.0
+            out[name] = {
+                "share": share.tolist(),
+                "cv": cv,
+                "quarantine_mass": float(mean.sum() / (k + 1)),
+            }
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return out
 
 
 def gate_statistics(model: nn.Module) -> dict[str, float] | None:
@@ -173,9 +170,16 @@ def specialization_report(
 ) -> dict[str, Any]:
     """Everything ``metrics.json`` reports under ``specialization``."""
     names = dict(mode_names or {})
+    rows = mode_rows(eval_sets, names)
     report: dict[str, Any] = {"n_experts": n_experts}
     report["routing"] = routing_statistics(model, names)
-    report["ablation"] = ablation_matrix(model, mode_rows(eval_sets, names), n_experts, batch_size)
+    report["ablation"] = mean_ablation_matrix(model, rows, batch_size)
+    forget = [t for n, t in rows.items() if n != "retain"]
+    report["cancellation"] = (
+        cancellation_ratio(model, torch.cat(forget), batch_size) if forget else None
+    )
+    vocab = 1 + max((int(t.max()) for t in rows.values() if t.numel()), default=0)
+    report["distinctive"] = distinctive_losses(model, rows, vocab, batch_size)
     warnings = []
     routing = report["routing"]
     if routing and routing["collapsed_layers"]:

@@ -1,0 +1,44 @@
+"""Models: the testbed (a small GPT with a quarantine in every block) and quarantine
+injection into any Hugging Face / PyTorch model.
+
+``transformers`` is optional: only ``RoutedTrainer`` and ``RoutedStepCallback`` need it,
+and they are built on first access.
+"""
+
+from typing import Any
+
+from evil_moe.models.hf import (
+    QuarantineConfig,
+    QuarantineHandle,
+    RoutedTrainerMixin,
+    RouteLabelCollator,
+    get_handle,
+    inject,
+    load_quarantine,
+    route_labels,
+)
+from evil_moe.models.testbed import Testbed, TestbedConfig, lm_loss
+
+__all__ = [
+    "QuarantineConfig",
+    "QuarantineHandle",
+    "RouteLabelCollator",
+    "RoutedStepCallback",
+    "RoutedTrainer",
+    "RoutedTrainerMixin",
+    "Testbed",
+    "TestbedConfig",
+    "get_handle",
+    "inject",
+    "lm_loss",
+    "load_quarantine",
+    "route_labels",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("RoutedTrainer", "RoutedStepCallback"):  # need transformers: built on first use
+        from evil_moe.models import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,12 +27,18 @@ from torch.func import functional_call
 
 from evil_moe.modules.experts import MLP, FusedExperts, shared_grad_keep
 from evil_moe.routing.functional import DeferredKeep, mask_cotangent, routed_linear
-from evil_moe.routing.labels import RouteLabel, RoutingPlan, make_plan
+from evil_moe.routing.labels import (
+    Method,
+    RoutingPlan,
+    broadcast_per_token,
+    make_plan,
+    parse_route_labels,
+)
 from evil_moe.routing.routers import RouterConfig
 
-NO_PLAN = RoutingPlan(semantics="none")
+NO_PLAN = RoutingPlan(semantics=Method.NONE)
 #: Semantics a wrapped Hugging Face model supports (DEMix would replace whole base layers).
-HF_SEMANTICS = ("none", "sgtm", "gradient_routing")
+HF_SEMANTICS = (Method.NONE, Method.SGTM, Method.GRADIENT_ROUTING)
 
 
 @functools.cache
@@ -95,10 +101,8 @@ class RoutingState:
     recomputation of activation checkpointing inside ``backward()`` sees the same plan.
     """
 
-    def __init__(self, semantics: str = "sgtm"):
-        if semantics not in HF_SEMANTICS:
-            raise ValueError(f"unknown routing semantics {semantics!r}; choose from {HF_SEMANTICS}")
-        self.semantics = semantics
+    def __init__(self, semantics: Method | str = Method.SGTM):
+        self.semantics = Method.parse(semantics, HF_SEMANTICS, "routing semantics")
         self.plan: RoutingPlan = NO_PLAN
         #: ``(B, T)`` of the current route labels, or ``None``
         self.shape: tuple[int, ...] | None = None
@@ -120,10 +124,11 @@ class RoutingState:
         if labels is None:
             self.plan, self.shape = NO_PLAN, None
             return
-        route = broadcast_labels(labels, ref_shape, device, "route_labels")
+        route = _route_tensor(labels, ref_shape, device)
         mode = None
         if modes is not None:
-            mode = broadcast_labels(modes, tuple(route.shape), route.device, "route_modes")
+            modes = torch.as_tensor(modes, device=route.device).long()
+            mode = broadcast_per_token(modes, tuple(route.shape), "route_modes")
         self.plan = make_plan(route, self.semantics, mode)
         self.shape = tuple(route.shape)
 
@@ -148,49 +153,16 @@ class RoutingState:
         return on
 
 
-def broadcast_labels(
-    labels: Tensor | object,
-    ref_shape: tuple[int, ...] | None,
-    device: torch.device | None,
-    what: str,
+def _route_tensor(
+    labels: object, ref_shape: tuple[int, ...] | None, device: torch.device | None
 ) -> Tensor:
-    """Per-sequence ``[B]`` or per-token ``[B, T]`` labels as a long ``[B, T]`` tensor.
-
-    Strings ``"retain"``, ``"forget"``, ``"unlabeled"`` are accepted for route labels.
-    """
-    if not isinstance(labels, Tensor):
-        labels = _as_codes(labels)
-    labels = labels.to(device=device if device is not None else labels.device, dtype=torch.long)
-    if ref_shape is None or len(ref_shape) < 2:
-        if labels.dim() != 2:
-            raise ValueError(f"{what} must be [B, T] when the input shape is unknown")
-        return labels
-    b, t = ref_shape[0], ref_shape[1]
-    if labels.dim() == 0:
-        labels = labels.expand(b)
-    if labels.dim() == 1 and labels.shape[0] == b:
-        return labels[:, None].expand(b, t)
-    if tuple(labels.shape) == (b, t):
-        return labels
-    raise ValueError(
-        f"{what} of shape {tuple(labels.shape)} match neither per-sequence [B]={b} nor "
-        f"per-token [B, T]=({b}, {t}) for input of shape {tuple(ref_shape)}"
-    )
-
-
-def _as_codes(labels: object) -> Tensor:
-    names = {label.name.lower(): int(label) for label in RouteLabel}
-
-    def code(v: object) -> object:
-        if isinstance(v, str):
-            if v not in names:
-                raise ValueError(f"unknown route label {v!r}; choose from {sorted(names)}")
-            return names[v]
-        if isinstance(v, list | tuple):
-            return [code(u) for u in v]
-        return v
-
-    return torch.as_tensor(code(labels))
+    """Route labels as ``[B, T]`` codes for an input of shape ``ref_shape`` (``[B, T]``)."""
+    if ref_shape is not None and len(ref_shape) >= 2:
+        return parse_route_labels(labels, ref_shape[:2], device, "route_labels")
+    route = parse_route_labels(labels, None, device, "route_labels")
+    if route.dim() != 2:
+        raise ValueError("route_labels must be [B, T] when the input shape is unknown")
+    return route
 
 
 class SharedLoRA(nn.Module):

@@ -19,8 +19,10 @@ plus :class:`RoutedTrainerMixin` (``RoutedTrainer`` = the mixin on ``transformer
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fnmatch
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,15 +51,11 @@ from evil_moe.models.adapters import (
 )
 from evil_moe.modules.ablation import ablate as _ablate
 from evil_moe.modules.ablation import ablated as _ablated
+from evil_moe.modules.ablation import parameter_groups
 from evil_moe.modules.ablation import quarantine_parameters as _quarantine_parameters
 from evil_moe.modules.experts import ACTIVATIONS
-from evil_moe.routing.labels import RouteLabel
-from evil_moe.routing.optim import (
-    ParameterGroups,
-    StepLedger,
-    clip_grad_norm_by_group,
-    parameter_groups,
-)
+from evil_moe.routing.labels import Method, RouteLabel, parse_route_labels
+from evil_moe.routing.optim import ParameterGroups, StepLedger, StepReport
 from evil_moe.routing.routers import BackwardRouter, RouterConfig
 
 __all__ = [
@@ -352,7 +350,7 @@ def inject(
     kind: str = "lora",
     rank: int = 8,
     router: RouterConfig | str | None = None,
-    semantics: str = "sgtm",
+    semantics: Method | str = "sgtm",
     train_base: bool = False,
     activation: str = "gelu",
     init_std: float | None = None,
@@ -377,7 +375,9 @@ def inject(
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
     if semantics not in HF_SEMANTICS:
-        raise ValueError(f"semantics {semantics!r} not supported here; choose from {HF_SEMANTICS}")
+        names = [m.value for m in HF_SEMANTICS]
+        raise ValueError(f"semantics {semantics!r} not supported here; choose from {names}")
+    semantics = Method(semantics).value
     if n_quarantine < 1 or rank < 1:
         raise ValueError(f"n_quarantine and rank must be >= 1, got {n_quarantine}, {rank}")
     if activation not in ACTIVATIONS:
@@ -722,16 +722,21 @@ class RouteLabelCollator:
         ids = batch.get("input_ids")
         length = ids.shape[1] if isinstance(ids, Tensor) and ids.dim() == 2 else None
         for key, values in extra.items():
-            pad = self.pad_route if key == "route_labels" else -1
-            batch[key] = self._stack(values, length, pad)
+            batch[key] = self._stack(key, values, length)
         return batch
 
-    def _stack(self, values: list[Any], length: int | None, pad: int) -> Tensor:
-        rows = [torch.as_tensor(_codes(v)).reshape(-1) if _is_seq(v) else None for v in values]
-        if all(r is None for r in rows):
-            return torch.as_tensor([_codes(v) for v in values], dtype=torch.long)
-        if any(r is None for r in rows):
+    def _stack(self, key: str, values: list[Any], length: int | None) -> Tensor:
+        if key == "route_labels":
+            rows = [parse_route_labels(v, what="route_labels") for v in values]
+            pad = self.pad_route
+        else:
+            rows = [torch.as_tensor(v).long() for v in values]
+            pad = -1
+        if all(r.dim() == 0 for r in rows):
+            return torch.stack(rows)
+        if any(r.dim() == 0 for r in rows):
             raise ValueError("mix of per-sequence and per-token route labels in one batch")
+        rows = [r.reshape(-1) for r in rows]
         width = length if length is not None else max(r.numel() for r in rows)
         out = torch.full((len(rows), width), pad, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -746,29 +751,18 @@ class RouteLabelCollator:
         return out
 
 
-def _is_seq(v: Any) -> bool:
-    return isinstance(v, list | tuple) or (isinstance(v, Tensor) and v.dim() > 0)
-
-
-def _codes(v: Any) -> Any:
-    names = {label.name.lower(): int(label) for label in RouteLabel}
-    if isinstance(v, str):
-        return names[v]
-    if isinstance(v, list | tuple):
-        return [_codes(u) for u in v]
-    return v
-
-
 class RoutedTrainerMixin:
     """Route labels for ``transformers.Trainer`` subclasses (also TRL's ``SFTTrainer``).
 
     * wraps the trainer's data collator in a :class:`RouteLabelCollator` and keeps
       ``route_labels`` / ``route_modes`` through the column filter (the model's forward
       pre-hook consumes them);
-    * records each training micro-batch in a :class:`StepLedger` and, right before
-      ``optimizer.step()``, drops the gradients of groups no token of the step could train
-      (so AdamW moves them neither by momentum nor by weight decay);
-    * clips shared and quarantine gradients separately (``clip_by_group=True``).
+    * records the route labels of each training micro-batch in a :class:`StepLedger`;
+    * adds a ``RoutedStepCallback`` (a ``TrainerCallback``) that, in ``on_pre_optimizer_step``, releases the
+      gradients of groups no token of the step may train (so AdamW moves them neither by
+      momentum nor by weight decay) and clips shared and quarantine gradients separately
+      to ``args.max_grad_norm`` (``clip_by_group=True``; the Trainer's own global clip is
+      then turned off in the trainer's copy of ``args``).
 
     ``class MySFT(RoutedTrainerMixin, SFTTrainer): ...`` puts it on any Trainer subclass.
     """
@@ -785,8 +779,12 @@ class RoutedTrainerMixin:
             self.data_collator = RouteLabelCollator(base=self.data_collator)
         self.quarantine = quarantine if quarantine is not None else get_handle(self.model)
         self.route_ledger = self.quarantine.ledger()
-        self.clip_by_group = clip_by_group
-        self.add_callback(_ledger_callback(self))
+        max_norm = None
+        if clip_by_group and self.args.max_grad_norm > 0:
+            max_norm = self.args.max_grad_norm
+            self.args = copy.copy(self.args)  # the caller's arguments stay as they were
+            self.args.max_grad_norm = 0.0  # no global clip: the callback clips per group
+        self.add_callback(_routed_step_callback()(self.route_ledger, max_norm))
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -798,21 +796,26 @@ class RoutedTrainerMixin:
             self.route_ledger.record(inputs.get("route_labels"))
         return super().compute_loss(model, inputs, *args, **kwargs)
 
-    def _clip_grad_norm(self, model: nn.Module):
-        if not self.clip_by_group:
-            return super()._clip_grad_norm(model)
-        norms = clip_grad_norm_by_group(self.route_ledger.groups, self.args.max_grad_norm)
-        return torch.tensor(sum(v**2 for v in norms.values()) ** 0.5)
 
-
-def _ledger_callback(trainer: RoutedTrainerMixin) -> Any:
+@functools.cache
+def _routed_step_callback() -> type:
     from transformers import TrainerCallback
 
-    class _ReleaseIdle(TrainerCallback):
-        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
-            trainer.route_ledger.release_idle()
+    class RoutedStepCallback(TrainerCallback):
+        """``TrainerCallback`` doing the routed step's work before ``optimizer.step()``:
+        :meth:`~evil_moe.routing.optim.StepLedger.before_step` (release idle groups, clip
+        per group to ``max_norm``). The last step's report is kept in ``report``."""
 
-    return _ReleaseIdle()
+        def __init__(self, ledger: StepLedger, max_norm: float | None = None):
+            self.ledger = ledger
+            self.max_norm = max_norm
+            self.report: StepReport | None = None
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
+            self.report = self.ledger.before_step(self.max_norm)
+
+    RoutedStepCallback.__module__ = __name__
+    return RoutedStepCallback
 
 
 def _make_routed_trainer() -> type:
@@ -827,10 +830,13 @@ def _make_routed_trainer() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "RoutedTrainer":  # built lazily: transformers is an optional dependency
+    # built lazily: transformers is an optional dependency
+    if name == "RoutedTrainer":
         cls = _make_routed_trainer()
         globals()[name] = cls
         return cls
+    if name == "RoutedStepCallback":
+        return _routed_step_callback()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -7,13 +7,14 @@ parameters are routed (receive no gradient from forget tokens) is decided by the
 attention and MLP weights always, embeddings and norms by switch.
 
     model = Testbed(TestbedConfig())
-    logits = model(tokens, route=route)           # route: [B, T] RouteLabel codes
+    logits = model(tokens, route=route)           # route: [B] or [B, T] labels (codes or names)
     with ablated(model): logits = model(tokens)   # deployment view
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from evil_moe.modules.experts import (
     reinit_like_,
 )
 from evil_moe.routing.functional import mask_cotangent, routed_linear, routed_scale
-from evil_moe.routing.labels import RoutingPlan, make_plan
+from evil_moe.routing.labels import Method, RoutingPlan, make_plan, parse_route_labels
 from evil_moe.routing.routers import RouterConfig
 
 
@@ -50,6 +51,8 @@ class TestbedConfig:
     n_experts: int = 1
     #: width of the shared always-on expert (0 = none); it stays at deployment
     shared_expert_width: int = 0
+    #: the shared expert is trained by every token, forget tokens included (not masked)
+    shared_expert_open: bool = False
     activation: str = "gelu"
     #: which quarantine expert takes each routed token's gradient (decided in backward)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -194,6 +197,7 @@ class Block(nn.Module):
             gate=cfg.gate,
             init_std=cfg.init_std,
             out_init_std=out_std,
+            shared_expert_open=cfg.shared_expert_open,
         )
 
     def forward(self, x: Tensor, plan: RoutingPlan) -> Tensor:
@@ -217,16 +221,18 @@ class Testbed(nn.Module):
     def forward(
         self,
         tokens: Tensor,
-        route: Tensor | None = None,
+        route: Any = None,
         mode: Tensor | None = None,
-        semantics: str = "sgtm",
+        semantics: Method | str = Method.SGTM,
     ) -> Tensor:
-        """Logits ``[B, T, vocab]`` for ``tokens`` ``[B, T]``, routed by ``route`` ``[B, T]``."""
+        """Logits ``[B, T, vocab]`` for ``tokens`` ``[B, T]``, routed by ``route``: route
+        labels per sequence ``[B]`` or per token ``[B, T]``, codes or names (see
+        :func:`~evil_moe.routing.labels.parse_route_labels`)."""
         B, T = tokens.shape
         if self.cfg.seq_len < T:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cfg.seq_len}")
-        if route is not None and route.shape != tokens.shape:
-            raise ValueError(f"route shape {tuple(route.shape)} != tokens {tuple(tokens.shape)}")
+        if route is not None:
+            route = parse_route_labels(route, (B, T), tokens.device, "route")
         plan = make_plan(route, semantics, mode, dtype=self.wte.weight.dtype)
         emb_keep = plan.shared_grad if self.cfg.route_embeddings else None
         pos = self.wpe(torch.arange(T, device=tokens.device)).expand(B, T, -1)
@@ -246,12 +252,24 @@ class Testbed(nn.Module):
         return out
 
     def num_parameters(self) -> dict[str, int]:
-        """Parameter counts: shared (deployed) and quarantine (ablated)."""
+        """Parameter counts: shared (deployed), quarantine (ablated), and the quarantine
+        parameters whose per-expert gradients a backward router assigns."""
         from evil_moe.modules.ablation import quarantine_parameters
 
         quarantine = sum(p.numel() for p in quarantine_parameters(self).values())
         total = sum(p.numel() for p in self.parameters())
-        return {"total": total, "shared": total - quarantine, "quarantine": quarantine}
+        controlled = sum(
+            p.numel()
+            for block in self.blocks
+            if block.mlp.router is not None and block.mlp.router.policy != "all"
+            for p in block.mlp.experts.quarantine_parameters().values()
+        )
+        return {
+            "total": total,
+            "shared": total - quarantine,
+            "quarantine": quarantine,
+            "router_controlled": controlled,
+        }
 
 
 def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:

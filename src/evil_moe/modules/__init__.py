@@ -1,0 +1,32 @@
+"""Quarantine modules: K fused quarantine experts, the bank around a core path, the soft
+gate, and ablation (removing the quarantine at deployment)."""
+
+from evil_moe.modules.ablation import (
+    ablate,
+    ablated,
+    parameter_groups,
+    quarantine_modules,
+    quarantine_parameters,
+)
+from evil_moe.modules.experts import (
+    MLP,
+    FusedExperts,
+    GateConfig,
+    QuarantineBank,
+    QuarantineModule,
+    SoftGate,
+)
+
+__all__ = [
+    "MLP",
+    "FusedExperts",
+    "GateConfig",
+    "QuarantineBank",
+    "QuarantineModule",
+    "SoftGate",
+    "ablate",
+    "ablated",
+    "parameter_groups",
+    "quarantine_modules",
+    "quarantine_parameters",
+]

@@ -7,13 +7,14 @@ and restores them exactly on exit, even if the body raises.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from evil_moe.modules.experts import ABLATION_MODES, QuarantineModule, check_experts
+from evil_moe.modules.experts import ABLATION_MODES, QuarantineModule, SoftGate, check_experts
+from evil_moe.routing.optim import ParameterGroups
 
 
 def quarantine_modules(model: nn.Module) -> list[tuple[str, QuarantineModule]]:
@@ -28,6 +29,16 @@ def quarantine_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         for pname, p in module.quarantine_parameters().items():
             out[f"{name}.{pname}" if name else pname] = p
     return out
+
+
+def parameter_groups(model: nn.Module, unrouted: Collection[str] | None = None) -> ParameterGroups:
+    """Split ``model``'s parameters into routed shared, open shared (the names in
+    ``unrouted``: every token trains them) and quarantine parameters. A soft gate's
+    weights are quarantine parameters that every token trains (through its losses)."""
+    gates = [p for m in model.modules() if isinstance(m, SoftGate) for p in m.parameters()]
+    return ParameterGroups.split(
+        model, quarantine_parameters(model).values(), unrouted or (), open_quarantine=gates
+    )
 
 
 def ablate(

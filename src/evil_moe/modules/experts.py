@@ -376,7 +376,10 @@ class QuarantineBank(nn.Module):
     split evenly into ``n_experts`` experts, so variants with different K have equal
     quarantine parameters. Quarantine experts have no output bias (it could not be split).
     ``router`` (a :class:`~evil_moe.routing.routers.BackwardRouter`) decides which expert
-    takes each routed token's gradient; ``None`` means every expert.
+    takes each routed token's gradient; ``None`` means every expert. The shared expert is
+    masked for forget tokens like the core (``shared_expert_open=False``, the default) or
+    open: trained and seen by every token, whatever its label (the "common gradients"
+    reading of DeepSeekMoE's shared expert).
     """
 
     def __init__(
@@ -391,9 +394,11 @@ class QuarantineBank(nn.Module):
         init_std: float = 0.02,
         out_init_std: float | None = None,
         gate: GateConfig | None = None,
+        shared_expert_open: bool = False,
     ):
         super().__init__()
         self.core = core
+        self.shared_expert_open = shared_expert_open
         self.gate = (
             SoftGate(d_model, n_experts, gate) if gate is not None and gate.enabled else None
         )
@@ -429,13 +434,16 @@ class QuarantineBank(nn.Module):
         out = None
         if self.core is not None:
             out = self.core(x, keep) if isinstance(self.core, MLP) else self.core(x)
-        if self.shared_expert is not None:
+        if self.shared_expert is not None and not self.shared_expert_open:
             s = self.shared_expert(x, keep)
             out = s if out is None else out + s
         if out is not None:
             out = mask_cotangent(out, plan.shared_cotangent)
             if plan.shared_on is not None:
                 out = out * _rows(plan.shared_on, out)
+        if self.shared_expert is not None and self.shared_expert_open:
+            s = self.shared_expert(x)
+            out = s if out is None else out + s
         return out
 
     def forward(self, x: Tensor, plan: RoutingPlan) -> Tensor:

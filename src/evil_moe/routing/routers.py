@@ -32,6 +32,22 @@ Policies, all acting on routed tokens inside the quarantine bank only:
   experts ``1/K``) on ``exp(score / temperature)``, then each token takes its
   highest-mass expert (BASE-style balanced assignment).
 
+Two controls for specialisation studies, which ignore the gradient:
+
+* ``random``: each routed token gets ``top_k`` experts drawn uniformly (seeded): the
+  negative control, which must not specialise by forget mode.
+* ``oracle``: forget mode ``m`` (1-based, as in the hack corpus) goes to expert
+  ``(m - 1) mod K``: the positive control (tokens without a mode take every expert).
+
+**Correcting harmful experts** (``correct_harmful``, on by default). Every expert is
+present in every token's forward pass, so an expert that a token's gradient would push
+down (negative score: it currently *raises* that token's loss) but that the policy did not
+pick would never be corrected by the token; the picked experts then grow against it and
+expert outputs cancel each other at large norms (a sum of norms many times the norm of
+the sum). With ``correct_harmful`` an expert also takes a routed token's gradient when
+its score is negative, so assignment decides only which *helpful* experts learn from a
+token. Loads count the policy's assignment only.
+
 Auxiliary-loss-free balancing (DeepSeek-V3): with ``bias_rate > 0`` a per-expert bias is
 added to the scores for selection only and nudged after each step by
 ``bias_rate * sign(mean_load - load_k)``.
@@ -45,7 +61,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-POLICIES = ("all", "topk", "expert_choice", "balanced")
+POLICIES = ("all", "topk", "expert_choice", "balanced", "random", "oracle")
 ALIGNMENTS = ("output", "prototype")
 
 
@@ -93,6 +109,7 @@ class BackwardRouter(nn.Module):
         prototype_decay: float = 0.9,
         n_modes: int = 8,
         seed: int = 0,
+        correct_harmful: bool = True,
     ):
         super().__init__()
         if policy not in POLICIES:
@@ -117,7 +134,11 @@ class BackwardRouter(nn.Module):
         self.amplify_threshold = amplify_threshold
         self.prototype_decay = prototype_decay
         self.n_modes = n_modes
+        self.correct_harmful = correct_harmful
+        self.seed = seed
         self.register_buffer("bias", torch.zeros(n_experts))
+        #: calls of the ``random`` policy so far: its draws resume exactly from a checkpoint
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
         if alignment == "prototype":
             g = torch.Generator().manual_seed(seed)
             proto = torch.randn(n_experts, d_model, generator=g)
@@ -128,6 +149,7 @@ class BackwardRouter(nn.Module):
         self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
         self.register_buffer("amplified_tokens", torch.zeros(()), persistent=False)
         self.register_buffer("entropy_sum", torch.zeros(()), persistent=False)
+        self.register_buffer("corrected_pairs", torch.zeros(()), persistent=False)
 
     # -- scores ----------------------------------------------------------------------
     def scores(self, contrib: Tensor, grad: Tensor, out_norm: Tensor) -> Tensor:
@@ -139,13 +161,20 @@ class BackwardRouter(nn.Module):
         return direction @ self.prototypes.to(grad.dtype).t()
 
     # -- assignment ------------------------------------------------------------------
-    def assign(self, scores: Tensor) -> Tensor:
-        """0/1 keep matrix ``[n, K]`` for ``n`` routed tokens."""
+    def assign(self, scores: Tensor, mode: Tensor | None = None) -> Tensor:
+        """0/1 keep matrix ``[n, K]`` for ``n`` routed tokens (``mode`` for ``oracle``)."""
         n, k = scores.shape
         if self.policy == "all" or n == 0:
             return torch.ones_like(scores)
-        biased = scores + self.bias.to(scores.dtype)
+        if self.policy == "oracle":
+            return self._oracle(scores, mode)
         keep = torch.zeros_like(scores)
+        if self.policy == "random":
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.draws))
+            self.draws += 1
+            draws = torch.rand(n, k, generator=gen).argsort(dim=1)[:, : self.top_k]
+            return keep.scatter_(1, draws.to(scores.device), 1.0)
+        biased = scores + self.bias.to(scores.dtype)
         if self.policy == "topk":
             keep.scatter_(1, biased.topk(self.top_k, dim=1).indices, 1.0)
         elif self.policy == "expert_choice":
@@ -155,6 +184,18 @@ class BackwardRouter(nn.Module):
         else:  # balanced
             plan, _ = sinkhorn(biased, self.temperature, self.sinkhorn_iters, self.sinkhorn_tol)
             keep.scatter_(1, plan.argmax(dim=1, keepdim=True), 1.0)
+        return keep
+
+    def _oracle(self, scores: Tensor, mode: Tensor | None) -> Tensor:
+        """Forget mode ``m >= 1`` -> expert ``(m - 1) mod K``; no mode -> every expert."""
+        keep = torch.ones_like(scores)
+        if mode is None:
+            return keep
+        mode = mode.to(scores.device).long()
+        known = mode >= 1
+        rows = known.nonzero().squeeze(1)
+        keep[rows] = 0.0
+        keep[rows, (mode[rows] - 1) % scores.shape[1]] = 1.0
         return keep
 
     @torch.no_grad()
@@ -177,10 +218,16 @@ class BackwardRouter(nn.Module):
         idx = routed.nonzero().squeeze(1)
         if idx.numel() == 0:
             return None, amplified
-        chosen = self.assign(scores[idx])
-        self._record(chosen, scores[idx], grad[idx], None if mode is None else mode[idx])
+        routed_mode = None if mode is None else mode[idx]
+        chosen = self.assign(scores[idx], routed_mode)
+        self._record(chosen, scores[idx], grad[idx], routed_mode)
         keep = torch.ones_like(contrib)
-        keep[idx] = chosen
+        if self.correct_harmful and self.policy != "all":
+            harmful = (scores[idx] < 0).to(chosen.dtype)
+            self.corrected_pairs += (harmful * (1 - chosen)).sum()
+            keep[idx] = torch.maximum(chosen, harmful)
+        else:
+            keep[idx] = chosen
         return keep, amplified
 
     def _record(self, chosen: Tensor, scores: Tensor, grad: Tensor, mode: Tensor | None) -> None:
@@ -209,6 +256,7 @@ class BackwardRouter(nn.Module):
             getattr(self, name).zero_()
         self.amplified_tokens.zero_()
         self.entropy_sum.zero_()
+        self.corrected_pairs.zero_()
 
 
 @dataclass
@@ -229,6 +277,8 @@ class RouterConfig:
     #: also route unlabeled tokens whose alignment with the quarantine exceeds the threshold
     amplify: bool = False
     amplify_threshold: float = 0.5
+    #: an expert whose output raises a routed token's loss always takes its gradient
+    correct_harmful: bool = True
 
     def __post_init__(self) -> None:
         checks = {
@@ -264,4 +314,5 @@ class RouterConfig:
             amplify_threshold=self.amplify_threshold if self.amplify else None,
             d_model=d_model,
             seed=seed,
+            correct_harmful=self.correct_harmful,
         )

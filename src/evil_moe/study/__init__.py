@@ -2,7 +2,7 @@
 
     from evil_moe.study import analyse, load_spec, run_study, write_report
 
-    spec, source = load_spec("quick")              # or "full", or a TOML file
+    spec, source = load_spec("quick")              # or "settle", "full", or a TOML file
     run_study(spec, "runs/study", jobs=2)          # resumable; one train() call per run
     with ResultStore.read("runs/study") as store:
         write_report(analyse(spec, store.runs()), "runs/study", source)

@@ -5,9 +5,10 @@
 Workers are ``spawn``-ed processes, each with ``torch`` threads = ``max(1, cores // jobs)``,
 each running one run at a time through :func:`evil_moe.study.worker.execute_run`. Only
 the main process writes the store, one transaction per finished run, so a killed study
-loses at most the runs in flight. Workers ignore Ctrl-C (the main process stops them)
-and die with the main process (``PR_SET_PDEATHSIG`` on Linux). A worker that dies
-mid-run (killed, out of memory) is replaced and its run retried once.
+loses at most the runs in flight. Workers ignore SIGINT and SIGTERM (the main process
+stops them, however it is stopped) and die with the main process (``PR_SET_PDEATHSIG``
+on Linux). A worker that dies mid-run (killed, out of memory) is replaced and its run
+retried once.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def _die_with_parent() -> None:
 def _worker_main(conn: Connection, threads: int, log_path: str | None) -> None:
     """A worker process: run tasks from ``conn`` until told to stop."""
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     if log_path:
         log = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         sys.stdout = sys.stderr = log

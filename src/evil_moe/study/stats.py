@@ -1,7 +1,19 @@
-"""Small statistics for the study: Student-t intervals and the verdict rules.
+"""Statistics of the study: seed-paired t intervals, the verdict rule, Holm's correction.
 
-No SciPy: the t quantile is found by bisection on the t CDF, which is a regularised
-incomplete beta function (continued fraction, Numerical Recipes §6.4).
+A claim says that a mechanism moves a metric in a direction (it *helps* or *hurts*) by at
+least a minimum effect ``delta``. With ``c`` the per-pair effect in the claimed direction
+(positive = as claimed), two one-sided t-tests on the pairs decide it:
+
+* superiority, H0 ``mean(c) <= 0``: rejecting it shows an effect in the claimed direction;
+* equivalence (non-inferiority of the null), H0 ``mean(c) >= delta``: rejecting it shows
+  that any effect in the claimed direction is smaller than ``delta`` (including none, or
+  the reverse).
+
+The p-values of all planned claims' tests are adjusted together by Holm's step-down
+method over the claims (:func:`holm_by_claim`: a claim's two nulls are mutually
+exclusive, so each step multiplies by the number of claims still in play). A claim is **refuted** when its adjusted equivalence p-value is below ``alpha``,
+**supported** when its adjusted superiority p-value is and it is not refuted, and
+**inconclusive** otherwise.
 """
 
 from __future__ import annotations
@@ -11,73 +23,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+from scipy import stats
+
 VERDICTS = ("supported", "refuted", "inconclusive")
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-
-    def nz(v: float) -> float:
-        return v if abs(v) > tiny else tiny
-
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 / nz(1.0 - qab * x / qap)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        for aa in (
-            m * (b - m) * x / ((qam + m2) * (a + m2)),
-            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
-        ):
-            d = 1.0 / nz(1.0 + aa * d)
-            c = nz(1.0 + aa / c)
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-14:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta ``I_x(a, b)``."""
-    if x <= 0:
-        return 0.0
-    if x >= 1:
-        return 1.0
-    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1) / (a + b + 2):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """CDF of Student's t with ``df`` degrees of freedom."""
-    x = df / (df + t * t)
-    tail = 0.5 * betainc(df / 2, 0.5, x)
-    return 1.0 - tail if t > 0 else tail
-
-
-def t_ppf(q: float, df: float) -> float:
-    """Quantile of Student's t (bisection; accurate to ~1e-10)."""
-    if not 0 < q < 1:
-        raise ValueError("q must be in (0, 1)")
-    if q == 0.5:
-        return 0.0
-    if q < 0.5:
-        return -t_ppf(1 - q, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < q:
-        hi *= 2
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12:
-            break
-    return 0.5 * (lo + hi)
 
 
 @dataclass
@@ -100,70 +49,139 @@ class Interval:
         return f"{self.mean:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
-    """Mean and t-interval of ``values`` (non-finite values are dropped)."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+def finite(values: Sequence[float | None]) -> list[float]:
+    """The finite values of ``values`` as floats."""
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def t_interval(values: Sequence[float | None], confidence: float = 0.95) -> Interval:
+    """Mean and Student-t interval of ``values`` (missing and non-finite values dropped)."""
+    xs = finite(values)
     n = len(xs)
     if n == 0:
         return Interval(None, None, None, 0)
-    mean = sum(xs) / n
+    mean = float(np.mean(xs))
     if n < 2:
         return Interval(mean, None, None, n)
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1)
-    half = t_ppf(0.5 + confidence / 2, n - 1) * math.sqrt(var / n)
-    return Interval(mean, mean - half, mean + half, n)
+    sem = float(np.std(xs, ddof=1)) / math.sqrt(n)
+    if sem == 0.0:
+        return Interval(mean, mean, mean, n)
+    lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=sem)
+    return Interval(mean, float(lo), float(hi), n)
 
 
-def side(interval: Interval, helpful: str, threshold: float = 0.0) -> str:
-    """Where an interval lies against ``threshold``: ``helpful``, ``harmful`` or ``both``.
+def one_sided_p(values: Sequence[float], null: float, alternative: str) -> float | None:
+    """p-value of a one-sample t-test of ``mean > null`` (``greater``) or ``< null``."""
+    xs = finite(values)
+    if len(xs) < 2:
+        return None
+    if float(np.std(xs, ddof=1)) == 0.0:  # constant sample: the test is degenerate
+        mean = xs[0]
+        holds = mean > null if alternative == "greater" else mean < null
+        return 0.0 if holds else 1.0
+    return float(stats.ttest_1samp(xs, null, alternative=alternative).pvalue)
 
-    ``helpful`` is ``"lower"`` or ``"higher"``: the direction in which the metric improves.
-    """
-    if interval.lo is None or interval.hi is None:
-        return "both"
-    below, above = interval.hi < threshold, interval.lo > threshold
-    if not (below or above):
-        return "both"
-    return (
-        "helpful"
-        if (below and helpful == "lower") or (above and helpful == "higher")
-        else ("harmful")
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (``None`` entries skipped)."""
+    present = [(p, i) for i, p in enumerate(pvalues) if p is not None]
+    present.sort()
+    m = len(present)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+@dataclass
+class ClaimTest:
+    """The two one-sided tests of one claim, before and after Holm's adjustment."""
+
+    #: per-pair effect in the claimed direction (positive = as claimed)
+    effect: Interval
+    p_superiority: float | None
+    p_equivalence: float | None
+    p_superiority_adjusted: float | None = None
+    p_equivalence_adjusted: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["effect"] = self.effect.to_dict()
+        return out
+
+
+def claim_test(claimed: Sequence[float], delta: float, confidence: float = 0.95) -> ClaimTest:
+    """Both tests of a claim from its per-pair effects in the claimed direction."""
+    return ClaimTest(
+        effect=t_interval(claimed, confidence),
+        p_superiority=one_sided_p(claimed, 0.0, "greater"),
+        p_equivalence=one_sided_p(claimed, delta, "less"),
     )
 
 
-def paired_verdict(diff: Interval, helpful: str, expect: str) -> str:
-    """The paired-difference rule.
+def holm_by_claim(pvalues: Sequence[tuple[int, float | None]]) -> list[float | None]:
+    """Holm's step-down over claims that each carry two mutually exclusive nulls.
 
-    ``diff`` is the interval of ``metric(variant) - metric(reference)``. A claim that the
-    mechanism *helps* (``expect="helps"``) is supported when the whole interval lies on
-    the helpful side of 0, refuted when it lies on the harmful side, else inconclusive; a
-    claim that it *hurts* (``expect="hurts"``) the other way round.
+    ``pvalues`` holds ``(claim index, p)``. A claim's superiority and equivalence nulls
+    cannot both be true, so at each step the multiplier is the number of *claims* still
+    represented among the unrejected hypotheses (Shaffer's refinement of Holm), not the
+    number of hypotheses: with one claim nothing is inflated, with m claims the first
+    step multiplies by m.
     """
-    where = side(diff, helpful)
-    if where == "both":
-        return "inconclusive"
-    agrees = (where == "helpful") == (expect == "helps")
-    return "supported" if agrees else "refuted"
+    present = sorted((p, i, claim) for i, (claim, p) in enumerate(pvalues) if p is not None)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i, _) in enumerate(present):
+        remaining = len({claim for _, _, claim in present[rank:]})
+        running = max(running, min(1.0, remaining * p))
+        out[i] = running
+    return out
 
 
-def threshold_verdict(interval: Interval, supported_above: float, refuted_below: float) -> str:
-    """Supported if the interval lies above ``supported_above``, refuted if below
-    ``refuted_below``, else inconclusive."""
-    if interval.lo is None or interval.hi is None:
-        return "inconclusive"
-    if interval.lo > supported_above:
-        return "supported"
-    if interval.hi < refuted_below:
-        return "refuted"
-    return "inconclusive"
+def adjust(tests: Sequence[ClaimTest]) -> None:
+    """Adjust the superiority and equivalence p-values of all ``tests`` together."""
+    flat = [(i, p) for i, t in enumerate(tests) for p in (t.p_superiority, t.p_equivalence)]
+    adjusted = holm_by_claim(flat)
+    for i, t in enumerate(tests):
+        t.p_superiority_adjusted = adjusted[2 * i]
+        t.p_equivalence_adjusted = adjusted[2 * i + 1]
 
 
-def combine_verdicts(verdicts: Sequence[str]) -> str:
-    """A row with several variants: supported if one is supported and none refuted,
-    refuted if one is refuted and none supported, else inconclusive."""
-    s, r = "supported" in verdicts, "refuted" in verdicts
-    if s and not r:
-        return "supported"
-    if r and not s:
-        return "refuted"
-    return "inconclusive"
+def decide(test: ClaimTest, alpha: float) -> tuple[str, str]:
+    """The verdict of an adjusted claim test and the part of the rule that decided it."""
+    p_eq, p_sup = test.p_equivalence_adjusted, test.p_superiority_adjusted
+    if p_eq is None or p_sup is None:
+        return "inconclusive", "fewer than 2 pairs"
+    if p_eq < alpha:
+        return "refuted", f"an effect >= delta is excluded (adjusted p = {p_eq:.3g})"
+    if p_sup < alpha:
+        return "supported", f"an effect > 0 is shown (adjusted p = {p_sup:.3g})"
+    return "inconclusive", "neither an effect nor its absence shown"
+
+
+def seeds_needed(
+    claimed: Sequence[float], delta: float, alpha: float, cap: int = 1000
+) -> int | None:
+    """Pairs a claim would need to be decided, if its effects kept their mean and spread.
+
+    The smallest n at which the one-sided t bound at level ``alpha`` (use the strictest
+    adjusted level, alpha / number of claims) clears the nearer decision boundary: 0
+    (support) when the mean effect is positive, ``delta`` (refutation) when it is below
+    ``delta``. ``None`` with fewer than 2 pairs or no spread; ``cap`` if beyond it.
+    """
+    xs = finite(claimed)
+    if len(xs) < 2:
+        return None
+    mean, sd = float(np.mean(xs)), float(np.std(xs, ddof=1))
+    if sd == 0.0:
+        return None
+    margins = [m for m in (mean, delta - mean) if m > 0]
+    if not margins:
+        return None
+    margin = max(margins)
+    for n in range(2, cap + 1):
+        if stats.t.ppf(1 - alpha, n - 1) * sd / math.sqrt(n) <= margin:
+            return n
+    return cap

@@ -3,8 +3,9 @@
 :func:`execute_run` takes a plain task (resolved config as a dict, measurement settings)
 and returns plain JSON-able results; it is what every worker process calls. Training is
 exactly :func:`evil_moe.train.loop.train` on the resolved config; afterwards the trained
-model is measured (gradient norms by group, relearning, gate load) without touching the
-training loop.
+model is measured with :mod:`evil_moe.eval` (gradient norms by group, gate load, and for
+routed runs the relearning curve, the retain fine-tuning curve and the amplifier's
+selection) without touching the training loop.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import numpy as np
 import torch
 
 from evil_moe.data.batching import BatchIterator, PreparedData, TokenSequences
+from evil_moe.eval.amplifier import amplifier_selection
 from evil_moe.eval.gradnorms import data_groups, group_gradient_norms
-from evil_moe.eval.relearning import relearning_steps
-from evil_moe.models.testbed import Testbed
-from evil_moe.routing.optim import parameter_groups
+from evil_moe.eval.relearning import finetune_curve
+from evil_moe.eval.specialization import gate_load
+from evil_moe.modules.ablation import parameter_groups
+from evil_moe.routing.labels import Method
 from evil_moe.study.spec import canonical_json
 from evil_moe.train.config import RunConfig, config_from_dict
 
 #: methods whose deployed model is the ablated one (they have a routed quarantine)
-ROUTED_METHODS = ("sgtm", "gradient_routing", "demix")
+ROUTED_METHODS = tuple(m.value for m in Method if m.routed)
 
 
 def deployed_view(method: str) -> str:
@@ -33,56 +36,22 @@ def deployed_view(method: str) -> str:
     return "ablated" if method in ROUTED_METHODS else "trained"
 
 
-def seen_tokens(seqs: TokenSequences, batch_size: int, seed: int, steps: int) -> dict[str, int]:
-    """Training tokens per category that ``steps`` batches actually contain (exposure).
+def seen_tokens(seqs: TokenSequences, cfg: RunConfig) -> dict[str, int]:
+    """Training tokens per category that the run's batches actually contain (exposure).
 
     Uses the loop's own deterministic batch order (:class:`BatchIterator`), so this is
-    exact: with fixed steps a run sees only part of its data, or some of it twice.
+    exact: with fixed steps a run sees only part of its data, or some of it twice; with
+    ``train.epochs`` every sequence exactly that many times.
     """
-    batches = BatchIterator(seqs, batch_size, seed=seed)
+    from evil_moe.train.loop import total_steps
+
+    t = cfg.train
+    batches = BatchIterator(seqs, t.batch_size, seed=t.seed, epochs=t.epochs or None)
+    steps = total_steps(cfg, len(seqs))
     idx = np.concatenate([batches.indices(s).numpy() for s in range(steps)])
     cats = np.asarray(seqs.category, dtype=object)[idx]
     names, counts = np.unique(cats.astype(str), return_counts=True)
     return {str(n): int(c) * seqs.seq_len for n, c in zip(names, counts, strict=True)}
-
-
-@torch.no_grad()
-def gate_load(model: Testbed, rows: dict[str, torch.Tensor], batch_size: int) -> dict | None:
-    """Mean soft-gate weight per quarantine expert on held-out tokens of each row.
-
-    Returns per row the expert shares, their coefficient of variation, and the quarantine
-    probability mass; ``None`` when the model has no learned gate.
-    """
-    gates = [m for m in model.modules() if type(m).__name__ == "SoftGate"]
-    if not gates:
-        return None
-    captured: list[torch.Tensor] = []
-    hooks = [g.register_forward_hook(lambda _m, _i, out: captured.append(out)) for g in gates]
-    was_training = model.training
-    model.eval()
-    out: dict[str, Any] = {}
-    try:
-        for name, tokens in rows.items():
-            if tokens.shape[0] == 0:
-                continue
-            captured.clear()
-            for i in range(0, tokens.shape[0], batch_size):
-                model(tokens[i : i + batch_size, :-1])
-            k = captured[0].shape[-1]
-            scales = torch.cat([c.reshape(-1, k).double() for c in captured])
-            mean = scales.mean(dim=0)  # (K + 1) * p_k
-            share = mean / mean.sum() if float(mean.sum()) > 0 else mean
-            cv = float(share.std(unbiased=False) / share.mean()) if k > 1 else 0.0
-            out[name] = {
-                "share": share.tolist(),
-                "cv": cv,
-                "quarantine_mass": float(mean.sum() / (k + 1)),
-            }
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return out
 
 
 #: prepared data of the last few configs, per worker process (runs of one seed, recall and
@@ -134,7 +103,7 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
     measure = task["measure"]
     t = cfg.train
     prepared = prepare_run(cfg, cached_data(cfg))
-    exposure = seen_tokens(prepared.train, t.batch_size, t.seed, t.steps)
+    exposure = seen_tokens(prepared.train, cfg)
     result = train(cfg, task.get("run_dir"), progress=False, prepared=prepared)
     model, metrics = result.model, result.metrics
     trained_s = time.perf_counter() - began
@@ -148,27 +117,43 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
         batch_size=t.batch_size,
     )
     forget_eval = {c: prepared.eval[c].tokens for c in ("forget_labeled", "forget_undiscovered")}
+    retain_eval = prepared.eval["retain"].tokens
     gate = gate_load(
         model,
-        {
-            "forget": torch.cat(list(forget_eval.values())),
-            "retain": prepared.eval["retain"].tokens,
-        },
+        {"forget": torch.cat(list(forget_eval.values())), "retain": retain_eval},
         t.batch_size,
     )
-    relearning = None
-    held_out = prepared.eval["forget_undiscovered"]
-    if t.method in ROUTED_METHODS and len(held_out) and task["kind"] == "grid":
-        relearning = relearning_steps(
+    held_out = prepared.eval["forget_undiscovered"].tokens
+    routed = t.method in ROUTED_METHODS and task["kind"] == "grid" and len(held_out) > 0
+    relearning = retain_finetune = amplifier = None
+    if routed:
+        relearning = finetune_curve(
             model,
             cfg,
             prepared.data.train.select(["forget_labeled", "forget_undiscovered"]),
-            held_out.tokens,
-            target=metrics["loss"]["forget_undiscovered"]["trained"],
-            max_steps=measure["relearn_steps"],
+            {"forget": held_out},
+            steps=measure["relearn_steps"],
             eval_every=measure["relearn_eval_every"],
             lr=measure["relearn_lr"] or None,
-            tolerance=measure["relearn_tolerance"],
+        )["forget"]
+        if measure.get("retain_finetune_steps", 0):
+            retain_finetune = finetune_curve(
+                model,
+                cfg,
+                prepared.data.train.select(["retain", "retain_unlabeled"]),
+                {"forget": held_out, "retain": retain_eval},
+                steps=measure["retain_finetune_steps"],
+                eval_every=measure["retain_finetune_eval_every"],
+                seed_offset=104729,
+            )
+        counts = prepared.token_counts
+        unlabelled = counts.get("forget_undiscovered", 0) + counts.get("retain_unlabeled", 0)
+        cap = measure.get("amplifier_batches", 4) * t.batch_size
+        amplifier = amplifier_selection(
+            model,
+            {"forget": held_out[:cap], "retain": retain_eval[:cap]},
+            forget_share=counts.get("forget_undiscovered", 0) / max(1, unlabelled),
+            batch_size=t.batch_size,
         )
     metrics = {k: v for k, v in metrics.items() if k != "specialization"} | {
         "specialization": {k: v for k, v in metrics["specialization"].items() if k != "warnings"},
@@ -182,6 +167,8 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
         "gradnorms": gradnorms,
         "gate_load": gate,
         "relearning": relearning,
+        "retain_finetune": retain_finetune,
+        "amplifier": amplifier,
         "train_s": trained_s,
         "wall_s": time.perf_counter() - began,
         "cpu_s": time.process_time() - cpu_began,

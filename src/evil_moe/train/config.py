@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from evil_moe.models.testbed import TestbedConfig
+from evil_moe.routing.labels import Method
 
-METHODS = ("none", "filter", "sgtm", "gradient_routing", "demix")
 CORPORA = ("bilingual", "hacks", "jsonl", "hf")
 
 
@@ -82,6 +82,9 @@ class TrainConfig:
     #: ``gradient_routing`` (detach shared activations) or ``demix`` (hard dispatch)
     method: str = "sgtm"
     steps: int = 200
+    #: > 0: train exactly this many passes over the run's training data instead of
+    #: ``steps`` (every sequence seen ``epochs`` times: equal retain exposure across arms)
+    epochs: int = 0
     batch_size: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -288,8 +291,10 @@ def validate(cfg: RunConfig) -> None:
         _check(0.0 <= value <= 1.0, f"monitor.{name}", f"must be in [0, 1], got {value}")
     for mode, value in m.recall_by_mode.items():
         _check(0.0 <= value <= 1.0, f"monitor.recall_by_mode.{mode}", "must be in [0, 1]")
-    _check(t.method in METHODS, "train.method", f"must be one of {METHODS}, got {t.method!r}")
+    methods = tuple(m.value for m in Method)
+    _check(t.method in methods, "train.method", f"must be one of {methods}, got {t.method!r}")
     _check(t.steps >= 1, "train.steps", "must be >= 1")
+    _check(t.epochs >= 0, "train.epochs", "must be >= 0 (0 = use train.steps)")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(t.lr > 0, "train.lr", "must be > 0")
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")

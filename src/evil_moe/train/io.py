@@ -33,6 +33,16 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file renamed over it)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(Path(path), write)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as pretty JSON, atomically."""
 

@@ -22,7 +22,7 @@ from evil_moe.data.corpus import (
 from evil_moe.data.monitor import Monitor
 from evil_moe.data.tokenizer import default_tokenizer, train_tokenizer
 from evil_moe.models.testbed import Testbed
-from evil_moe.routing.labels import RouteLabel
+from evil_moe.routing.labels import Method, RouteLabel
 from evil_moe.train.config import RunConfig
 
 #: (retain domains, forget domains) of the embedded corpora, used when the config names none
@@ -121,7 +121,7 @@ def prepare_run(cfg: RunConfig, data: PreparedData | None = None) -> PreparedRun
     train = data.train
     if cfg.data.forget_token_budget >= 0:
         train = keep_forget_tokens(train, cfg.data.forget_token_budget)
-    if cfg.train.method == "filter":
+    if cfg.train.method == Method.FILTER:
         keep = (train.route != RouteLabel.FORGET).all(dim=1).nonzero().squeeze(1)
         train = train.subset(keep)
     if len(train) == 0:
@@ -131,7 +131,7 @@ def prepare_run(cfg: RunConfig, data: PreparedData | None = None) -> PreparedRun
         c: (s.subset(torch.arange(min(cap, len(s)))) if cap else s) for c, s in data.eval.items()
     }
     counts = token_counts(train)
-    if cfg.train.method == "filter":
+    if cfg.train.method == Method.FILTER:
         counts = {
             k: v for k, v in counts.items() if k not in ("forget_labeled", "retain_false_positive")
         }

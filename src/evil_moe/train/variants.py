@@ -1,30 +1,38 @@
-"""Named variants: the MoE mechanisms of MISSION.md's table, as config presets.
+"""Named variants: the MoE mechanisms of MISSION.md's table and their controls, as config
+presets (lists of ``key=value`` overrides applied before a run's other settings).
 
-Every variant keeps the total quarantine width (64 MLP units and 1 head per layer by
-default), so variants differ in mechanism, not in quarantine parameters; only the soft
-gate adds its (K + 1) x d_model logit weights, also quarantine parameters.
+The widths below fit the default testbed (``mlp_width`` 512, ``quarantine_width`` 64): a
+study preset whose testbed differs redefines the width-dependent ones in its own
+``[variants]`` table (see ``evil_moe.study.spec``), so that every contrast stays at equal
+quarantine parameters. Which claim each variant answers, and against which reference, is
+data: ``evil_moe/study/claims.toml``.
 
-| variant | table row | mechanism |
-|---|---|---|
-| single | baseline | one quarantine block, SGTM |
-| shared_single | 1 | + a shared always-on expert (deployed) |
-| fine4, fine8 | 2 | K small experts, top-1 backward alignment routing |
-| expert_choice | 3 | each expert takes its top tokens (capacity factor 1) |
-| balanced | 3 | Sinkhorn balanced assignment |
-| soft_gate | 4, 5, 6 reference | learned forward gate with a pin loss |
-| aux_balance_quarantine | 4 | + Switch balance loss over the K quarantine experts |
-| zloss | 5 | + router z-loss |
-| global_balance | 6 | + retain-vs-quarantine balance loss |
-| demix | 7 | hard forward dispatch (negative control) |
+| variant | mechanism |
+|---|---|
+| single | one quarantine block, SGTM (the reference of most claims) |
+| single_wide | a core MLP wider by the shared expert's width (capacity control of row 1) |
+| shared_masked | + a shared always-on expert, masked for forget tokens like the core |
+| shared_open | + a shared always-on expert that forget tokens also train |
+| fine4, fine8 | K small experts, top-1 backward alignment routing |
+| random4, oracle4 | K = 4 with random / forget-mode -> expert assignment (controls) |
+| expert_choice, balanced | K = 4, each expert takes its top tokens / Sinkhorn assignment |
+| soft_gate | K = 4 with a learned forward gate and pin loss (reference of rows 4-6) |
+| aux_balance_quarantine, zloss, global_balance | soft_gate + one auxiliary loss |
+| demix, demix_masked | hard forward dispatch; masked: shared parameters masked as in SGTM |
+| amplify | single + the absorption amplifier |
 """
 
 from __future__ import annotations
 
 VARIANTS: dict[str, list[str]] = {
     "single": [],
-    "shared_single": ["model.shared_expert_width=64"],
+    "single_wide": ["model.mlp_width=576"],
+    "shared_masked": ["model.shared_expert_width=64"],
+    "shared_open": ["model.shared_expert_width=64", "model.shared_expert_open=true"],
     "fine4": ["model.n_experts=4", "model.router.policy=topk"],
     "fine8": ["model.n_experts=8", "model.router.policy=topk"],
+    "random4": ["model.n_experts=4", "model.router.policy=random"],
+    "oracle4": ["model.n_experts=4", "model.router.policy=oracle"],
     "expert_choice": ["model.n_experts=4", "model.router.policy=expert_choice"],
     "balanced": ["model.n_experts=4", "model.router.policy=balanced"],
     "soft_gate": ["model.n_experts=4", "model.gate.enabled=true"],
@@ -40,18 +48,6 @@ VARIANTS: dict[str, list[str]] = {
         "model.gate.global_balance_weight=0.01",
     ],
     "demix": ["train.method=demix"],
-}
-
-#: which row of MISSION.md's table each variant answers (0 = the baseline)
-TABLE_ROW = {
-    "single": 0,
-    "shared_single": 1,
-    "fine4": 2,
-    "fine8": 2,
-    "expert_choice": 3,
-    "balanced": 3,
-    "aux_balance_quarantine": 4,
-    "zloss": 5,
-    "global_balance": 6,
-    "demix": 7,
+    "demix_masked": ["train.method=demix_masked"],
+    "amplify": ["model.router.amplify=true"],
 }
