@@ -23,8 +23,8 @@ the hack through the shared weights; see ``docs/rl.md``).
 **Reference model for KL** (``beta > 0``): a frozen copy of the policy at the start of
 GRPO with its quarantine removed (the deployed warm start).
 
-**The optimizer step** of every update is :func:`routed_optimizer_step` (ledger, per-group
-clipping, step), the one place to switch to the library's routed step.
+**The optimizer step** of every update is :func:`routed_optimizer_step`, the library's
+routed step (ledger, per-group clipping, step) in one place.
 ``train()`` runs :meth:`RoutedGRPOTrainer.grpo_step` for ``args.max_steps`` batches of the
 train dataset; it supports ``num_iterations = steps_per_generation =
 gradient_accumulation_steps = 1`` and text prompts.
@@ -44,7 +44,7 @@ from trl import GRPOTrainer
 
 from evil_moe.models.hf import QuarantineHandle, get_handle
 from evil_moe.routing.labels import RouteLabel
-from evil_moe.routing.optim import StepLedger, clip_grad_norm_by_group
+from evil_moe.routing.optim import StepLedger, routed_step
 
 METHODS = ("none", "penalty", "filter", "sgtm", "gradient_routing")
 #: methods whose flagged completions train only the quarantine (value: routing semantics)
@@ -103,18 +103,17 @@ def group_advantages(
 def routed_optimizer_step(
     ledger: StepLedger, optimizer: torch.optim.Optimizer, max_grad_norm: float
 ) -> dict[str, Any]:
-    """The optimizer step of every RL update: drop idle groups, clip per group, step.
+    """The optimizer step of every RL update: the library's routed step.
 
-    ``ledger.release_idle()`` sets to ``None`` the exactly-zero gradients of routed
-    groups (so AdamW moves them by neither momentum nor weight decay on behalf of
-    flagged completions); shared and quarantine gradients are clipped separately
-    (``max_grad_norm <= 0`` only measures them). Issue 12's ``routing.optim.routed_step``
-    replaces this body.
+    :func:`evil_moe.routing.optim.routed_step` releases the gradients of groups that no
+    completion of the step may train (so AdamW moves them by neither momentum nor weight
+    decay on behalf of flagged completions), clips shared and quarantine gradients
+    separately (``max_grad_norm <= 0``: measured, not clipped) and steps. Gradients are
+    left for the caller to clear.
     """
-    skipped = ledger.release_idle()
-    norms = clip_grad_norm_by_group(ledger.groups, max_grad_norm if max_grad_norm > 0 else math.inf)
-    optimizer.step()
-    return {"grad_norm": norms, "skipped": [k for k, v in skipped.items() if v]}
+    clip = max_grad_norm if max_grad_norm > 0 else math.inf
+    report = routed_step(optimizer, ledger, clip, zero_grad=False)
+    return {"grad_norm": report.grad_norm, "skipped": report.skipped}
 
 
 def as_flags(labels: Sequence[Any]) -> list[bool]:
