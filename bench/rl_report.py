@@ -15,6 +15,8 @@ from evil_moe.rl.task import MODES
 from evil_moe.study.stats import t_interval
 
 VIEWS = ("trained", "deployed")
+#: relearning is reported for runs whose ablation removed at least this much hack rate
+RELEARN_MIN_DROP = 0.05
 
 
 def _load(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict[str, dict[int, dict]]:
@@ -36,9 +38,9 @@ def _metric(m: dict[str, Any], key: str) -> float | None:
     deployed hack), ``relearn`` (steps; the cap + eval interval when never back)."""
     if key == "drop":
         return m["trained"]["hack"] - m["deployed"]["hack"]
-    if key == "relearn":
+    if key == "relearn":  # only where ablation removed >= RELEARN_MIN_DROP of the hack rate
         r = m.get("relearning")
-        if not r:
+        if not r or r["curve"][0][1] > r["target"] - RELEARN_MIN_DROP:
             return None
         return r["steps"] if r["steps"] is not None else r["cap"] + 1
     if key.startswith("warm."):
@@ -129,8 +131,10 @@ def write_report(
             if m.get("relearning")
         }
     )
+    provenance = out / "provenance.json"  # the runs' own commands, when several made them
     report = {
         **command,
+        "provenance": json.loads(provenance.read_text()) if provenance.exists() else [],
         "relearning_commits": relearn_commits,
         "seeds": list(seeds),
         "flagged_modes": any_run.get("flagged_modes"),
@@ -158,6 +162,10 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`  ",
         f"Commit: `{report['commit']}`  ",
+        *(
+            f"Runs: `{p['command']}` at `{p['commit']}` ({p['what']})  "
+            for p in report["provenance"]
+        ),
         f"Relearning measured at: {', '.join(f'`{c}`' for c in report['relearning_commits'])}  ",
         f"Seeds: {report['seeds']}; cells are means with 95% t-intervals over seeds. "
         f"Monitor flags {', '.join(flagged)} at the configured recall; never flags "
@@ -176,7 +184,7 @@ def _markdown(report: dict[str, Any]) -> str:
                 _fmt(r["deployed.hack"]),
                 _fmt(r["trained.solve"]),
                 _fmt(r["deployed.solve"]),
-                _fmt(r["relearn"]),
+                _fmt(r["relearn"], ".0f") + f" (n={r['relearn']['n']})",
             ]
         )
     lines += _table(
@@ -187,11 +195,19 @@ def _markdown(report: dict[str, Any]) -> str:
             "hack deployed",
             "solve trained",
             "solve deployed",
-            "relearn steps",
+            "relearn steps*",
         ],
         rows,
     )
-    lines += ["", "## Hack rate per mode, trained / deployed", ""]
+    lines += [
+        "",
+        f"*GRPO steps without intervention after ablation until the held-out hack rate is back "
+        f"at the as-trained rate (cap 40; 41 = not back), over the runs whose ablation removed "
+        f">= {RELEARN_MIN_DROP} of the hack rate (n of 3).",
+        "",
+        "## Hack rate per mode, trained / deployed",
+        "",
+    ]
     rows = []
     for arm, r in arms.items():
         cells = [f"{_fmt(r[f'trained.{m}'])} / {_fmt(r[f'deployed.{m}'])}" for m in MODES]
