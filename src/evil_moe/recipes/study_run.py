@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from evil_moe.data.batching import BatchIterator, PreparedData, TokenSequences
+from evil_moe.data.batching import BatchIterator, TokenSequences
+from evil_moe.data.prepare import PreparedData
 from evil_moe.eval.amplifier import amplifier_selection
 from evil_moe.eval.gradnorms import data_groups, group_gradient_norms
 from evil_moe.eval.relearning import finetune_curve

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from evil_moe.data.batching import PreparedData
+from evil_moe.data.prepare import PreparedData
 from evil_moe.recipes.study_run import measure_study_run, seen_tokens
 from evil_moe.routing.labels import Method
 from evil_moe.study.spec import canonical_json
