@@ -204,5 +204,4 @@ def _route_base(
             f"train_base=True cannot route the parameters of {listed}; list them in "
             "unrouted=[...] (every token trains them) or freeze them first"
         )
-
     return hooks

@@ -53,11 +53,12 @@ class TrainResult:
     #: training tokens and seconds of the steps run by this call (not resumed ones)
     tokens_seen: int = 0
     train_seconds: float = 0.0
-    #: steps whose loss exceeded 1.25 x an EMA of earlier steps
+    #: steps whose loss exceeded 1.25 x an EMA of earlier steps or was not finite
     loss_spikes: int = 0
 
     @property
     def tokens_per_second(self) -> float | None:
+        """Training throughput of this call (``None`` if it ran no step)."""
         return self.tokens_seen / self.train_seconds if self.train_seconds > 0 else None
 
 
