@@ -99,8 +99,8 @@ def _job(job: tuple[str, str, int, list[str]]) -> tuple[str, int, float, str]:
 
 def _relearn(job: tuple[str, str]) -> tuple[str, float]:
     """Relearning of one finished run, written next to its metrics."""
+    from evil_moe.io import write_json
     from evil_moe.rl.run import relearning_of_run
-    from evil_moe.train.io import write_json
 
     run_dir, commit = job
     began = time.perf_counter()

@@ -16,20 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY_OVERRIDES = [
-    "model.d_model=16",
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.seq_len=16",
-    "model.mlp_width=32",
-    "model.quarantine_width=8",
-    "data.max_docs=40",
-    "data.eval_sequences=4",
-    "train.steps=3",
-    "train.batch_size=4",
-    "train.warmup_steps=1",
-    "train.log_every=1",
-]
+from tiny import TINY_OVERRIDES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread_module():
+    """Module-scoped fixtures run single-threaded too: on a busy 2-core machine OpenMP
+    threads spin and make each tiny op orders of magnitude slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ import pytest
 import evil_moe
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("routing", "modules", "models", "data", "train", "eval")
+SUBPACKAGES = ("routing", "modules", "models", "data", "train", "eval", "recipes")
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

@@ -76,8 +76,12 @@ _EXPORTS: dict[str, str] = {
     # training (the loop itself is ``evil_moe.train.train``: ``evil_moe.train`` is the
     # subpackage, so the function cannot have that name here)
     "RunConfig": "train",
-    "RunResult": "train",
+    "TrainResult": "train",
     "load_config": "train",
+    # train -> evaluate -> write
+    "RunMetrics": "recipes",
+    "RunResult": "recipes",
+    "train_and_evaluate": "recipes",
     # measurements
     "BaselineCurve": "eval",
     "evaluate_losses": "eval",
@@ -106,5 +110,6 @@ if TYPE_CHECKING:  # static tools see the real definitions
     from evil_moe.eval import *  # noqa: F403
     from evil_moe.models import *  # noqa: F403
     from evil_moe.modules import *  # noqa: F403
+    from evil_moe.recipes import *  # noqa: F403
     from evil_moe.routing import *  # noqa: F403
     from evil_moe.train import *  # noqa: F403

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from evil_moe.cli.main import EXIT_BAD_INPUT, main
-from evil_moe.train.io import read_tensors
+from evil_moe.io import read_tensors
 
 
 def test_train_end_to_end(tmp_path, tiny_overrides, capsys):

@@ -13,19 +13,21 @@ from evil_moe.data.batching import (
     ROUTE_CODES,
     BatchIterator,
     TokenSequences,
-    cap_documents,
     pack_documents,
-    prepare_bilingual,
-    prepare_documents,
     sequential_batches,
-    split_documents,
     steps_for_epochs,
-    subsample_domain,
-    subsample_to_share,
     token_counts,
 )
 from evil_moe.data.corpus import Document, embedded_bilingual
 from evil_moe.data.monitor import Monitor
+from evil_moe.data.prepare import (
+    cap_documents,
+    prepare_bilingual,
+    prepare_documents,
+    split_documents,
+    subsample_domain,
+    subsample_to_share,
+)
 from evil_moe.data.tokenizer import EOT_ID, default_tokenizer, encode_texts
 
 WORDS = ["the", "cat", "dog", "ran", "sat", "big", "red", "кот", "пёс", "бежал", "сидел", "большой"]

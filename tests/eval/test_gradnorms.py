@@ -9,9 +9,8 @@ import torch
 
 from evil_moe.eval.gradnorms import data_groups, group_gradient_norms
 from evil_moe.models.testbed import lm_loss
-from evil_moe.modules.ablation import parameter_groups
 from evil_moe.train.config import load_config
-from evil_moe.train.loop import train, unrouted_names
+from evil_moe.train.loop import train
 from evil_moe.train.setup import prepare_run
 
 
@@ -24,7 +23,7 @@ def trained(tiny_overrides):
 
 def test_norms_match_a_manual_computation(trained):
     model, run = trained
-    groups = parameter_groups(model, unrouted_names(model))
+    groups = model.parameter_groups()
     data = data_groups(run.data.train)
     assert set(data) == {"forget_unlabeled", "retain_unlabeled"}
     out = group_gradient_norms(model, groups, data, batches=1, batch_size=4)
@@ -42,7 +41,7 @@ def test_norms_match_a_manual_computation(trained):
 
 def test_existing_gradients_are_left_alone_and_empty_groups_are_none(trained):
     model, run = trained
-    groups = parameter_groups(model, unrouted_names(model))
+    groups = model.parameter_groups()
     marker = torch.full_like(model.wte.weight, 7.0)
     model.wte.weight.grad = marker
     out = group_gradient_norms(

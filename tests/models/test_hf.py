@@ -461,6 +461,9 @@ def test_deepcopy_and_pickle_route_by_their_own_state(tmp_path):
     get_handle(twin).unload()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in twin.modules())
     assert get_handle(model) is handle  # the original is untouched
+    assert model._forward_pre_hooks  # its hooks too (the twin's handles are the twin's)
+    handle.unload()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_whole_model_pickle_keeps_routing(tmp_path):

@@ -6,8 +6,6 @@ import pytest
 import torch
 from testbed_reference import FORGET, make_model, sequence_route, tiny_config, token_loss_sum
 
-from evil_moe.train.loop import unrouted_names
-
 
 def _grads(model, tokens, route):
     model.zero_grad(set_to_none=True)
@@ -30,7 +28,7 @@ def test_forget_tokens_train_the_shared_expert_only_when_it_is_open(open_expert)
             assert trained == open_expert, name
         if ".mlp.core." in name:
             assert g is None or bool((g == 0).all()), name
-    opened = {n for n in unrouted_names(model) if ".shared_expert." in n}
+    opened = {n for n in model.unrouted_names() if ".shared_expert." in n}
     assert bool(opened) == open_expert
 
 

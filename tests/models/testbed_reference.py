@@ -24,27 +24,12 @@ from torch import Tensor
 
 from evil_moe.models.testbed import Testbed, TestbedConfig
 from evil_moe.modules.ablation import quarantine_parameters
+from tiny import tiny_config  # noqa: F401  (re-exported for the testbed tests)
 
 RETAIN, FORGET, UNLABELED = 0, 1, 2
 _ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 _NORM_NAME = re.compile(r"(^|\.)(norm1|norm2|norm_f)\.weight$")
 EMBEDDING_NAMES = {"wte.weight", "wpe.weight"}
-
-
-def tiny_config(**overrides) -> TestbedConfig:
-    base = dict(
-        vocab_size=64,
-        seq_len=8,
-        d_model=16,
-        n_layer=2,
-        n_head=2,
-        mlp_width=32,
-        quarantine_width=8,
-        n_experts=2,
-        n_quarantine_heads=1,
-    )
-    base.update(overrides)
-    return TestbedConfig(**base)
 
 
 def make_model(cfg: TestbedConfig, seed: int = 0, scale: float = 0.3) -> Testbed:

@@ -11,26 +11,17 @@ from torch.testing import assert_close
 
 from evil_moe.models import testbed as tb
 from evil_moe.modules.ablation import ablate, ablated, quarantine_parameters
+from tiny import tiny_config
 
 RETAIN = 0
 
 
 def _model(seed=0, **overrides):
-    cfg = dict(
-        vocab_size=64,
-        seq_len=8,
-        d_model=16,
-        n_layer=2,
-        n_head=2,
-        mlp_width=32,
-        quarantine_width=8,
-        n_experts=4,
-        n_quarantine_heads=4,
-        shared_expert_width=8,
+    cfg = tiny_config(
+        **{"n_experts": 4, "n_quarantine_heads": 4, "shared_expert_width": 8} | overrides
     )
-    cfg.update(overrides)
     torch.manual_seed(seed)
-    model = tb.Testbed(tb.TestbedConfig(**cfg)).double()
+    model = tb.Testbed(cfg).double()
     with torch.no_grad():  # generic values everywhere (biases are zero at init)
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from evil_moe.cli.main import main
+from evil_moe.io import read_jsonl, read_tensors
 from evil_moe.rl.config import load_rl_config
 from evil_moe.rl.run import relearning_of_run, run_rl
-from evil_moe.train.io import read_jsonl, read_tensors
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 

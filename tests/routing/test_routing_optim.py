@@ -16,27 +16,16 @@ from evil_moe.routing.optim import (
     clip_grad_norm_by_group,
     routed_step,
 )
+from tiny import tiny_config
 
 EMBEDDINGS = {"wte.weight", "wpe.weight"}
 
 
 def _setup(**overrides):
-    cfg = dict(
-        vocab_size=64,
-        seq_len=8,
-        d_model=16,
-        n_layer=2,
-        n_head=2,
-        mlp_width=32,
-        quarantine_width=8,
-        n_experts=2,
-        n_quarantine_heads=1,
-        shared_expert_width=8,
-    )
-    cfg.update(overrides)
+    cfg = tiny_config(**{"shared_expert_width": 8} | overrides)
     torch.manual_seed(0)
-    model = tb.Testbed(tb.TestbedConfig(**cfg))
-    unrouted = set() if cfg.get("route_embeddings", True) else EMBEDDINGS
+    model = tb.Testbed(cfg)
+    unrouted = set() if cfg.route_embeddings else EMBEDDINGS
     groups = parameter_groups(model, unrouted=unrouted)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     tokens = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(1))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from evil_moe.recipes import train_and_evaluate
 from evil_moe.study.claims import load_claims
 from evil_moe.study.spec import REFERENCE_METHODS
 from evil_moe.train.config import load_config
-from evil_moe.train.loop import train
 from evil_moe.train.variants import VARIANTS
 
 
@@ -24,8 +24,8 @@ def test_variant_runs(variant, corpus, tiny_overrides):
     overrides += ["data.hack_samples=300", "model.vocab_size=300", "train.batch_size=8"]
     overrides += ["train.steps=4"]
     cfg = load_config(None, overrides)
-    result = train(cfg, progress=False)
-    m = result.metrics
+    result = train_and_evaluate(cfg, progress=False)
+    m = result.metrics.to_dict()
     assert m["variant"] == variant
     spec = m["specialization"]
     assert spec["n_experts"] == cfg.model.n_experts

@@ -82,14 +82,16 @@ def _check_out_dir(out: Path, cfg: RunConfig) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from evil_moe.eval.tables import loss_table
-    from evil_moe.train.loop import train
+    from evil_moe.recipes.experiment import RunMetrics, train_and_evaluate
     from evil_moe.train.setup import prepare_run
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
     _check_out_dir(out, cfg)
     if (out / "metrics.json").exists():
-        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        metrics = RunMetrics.from_dict(
+            json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        )
         print(f"{out} already holds this finished run; showing its results.", file=sys.stderr)
     else:
         prepared = prepare_run(cfg)  # data errors surface here, before --out is touched
@@ -100,9 +102,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{len(prepared.train)} training sequences",
             file=sys.stderr,
         )
-        metrics = train(cfg, out, progress=not args.quiet, prepared=prepared).metrics
-    print(loss_table(metrics))
-    tps = metrics.get("tokens_per_second")
+        metrics = train_and_evaluate(cfg, out, progress=not args.quiet, prepared=prepared).metrics
+    print(loss_table(metrics.to_dict()))
+    tps = metrics.tokens_per_second
     if tps:
         print(f"training throughput: {tps:,.0f} tokens/s")
     print(f"wrote {out}/metrics.json")

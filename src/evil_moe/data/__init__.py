@@ -14,16 +14,9 @@ from evil_moe.data.batching import (
     EVAL_CATEGORIES,
     ROUTE_CODES,
     BatchIterator,
-    PreparedData,
     TokenSequences,
-    cap_documents,
     pack_documents,
-    prepare_bilingual,
-    prepare_documents,
     sequential_batches,
-    split_documents,
-    subsample_domain,
-    subsample_to_share,
     token_counts,
 )
 from evil_moe.data.corpus import (
@@ -37,6 +30,15 @@ from evil_moe.data.corpus import (
     load_jsonl,
 )
 from evil_moe.data.monitor import ROUTES, LabelledDocument, Monitor
+from evil_moe.data.prepare import (
+    PreparedData,
+    cap_documents,
+    prepare_bilingual,
+    prepare_documents,
+    split_documents,
+    subsample_domain,
+    subsample_to_share,
+)
 from evil_moe.data.tokenizer import (
     EOT_ID,
     EOT_TOKEN,

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from evil_moe.data.tokenizer import DEFAULT_VOCAB_SIZE, TOKENIZER_FILE, train_tokenizer
+from evil_moe.io import write_bytes
 
 SOURCES = {
     "en": {
@@ -165,7 +166,7 @@ def build(
     files["PROVENANCE.md"] = provenance(source_bytes, kept, total, blobs, vocab_size).encode()
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        (out / name).write_bytes(data)
+        write_bytes(out / name, data)
     return {name: len(data) for name, data in files.items()}
 
 

@@ -4,25 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import nn
 
-from evil_moe.models.testbed import lm_loss
+from evil_moe.models.testbed import mean_token_loss
 from evil_moe.modules.ablation import ablated
 
-
-@torch.no_grad()
-def mean_token_loss(model: nn.Module, tokens: torch.Tensor, batch_size: int = 32) -> float:
-    """Mean next-token cross-entropy of ``tokens`` ``[M, L+1]`` (no routing: deployment view)."""
-    if tokens.shape[0] == 0:
-        return float("nan")
-    total, count = 0.0, 0
-    for i in range(0, tokens.shape[0], batch_size):
-        chunk = tokens[i : i + batch_size]
-        logits = model(chunk[:, :-1])
-        total += float(lm_loss(logits, chunk[:, 1:], reduction="sum"))
-        count += chunk[:, 1:].numel()
-    return total / count
+__all__ = ["evaluate_losses", "mean_token_loss"]
 
 
 def evaluate_losses(

@@ -1,8 +1,9 @@
 """After ablation: fine-tuning the deployed model, and what comes back.
 
 Two uses of one measurement, :func:`finetune_curve`: an ablated copy of a trained model
-(quarantine zeroed and frozen) is fine-tuned, unrouted, with the training loop's own
-components, and held-out losses are measured every ``eval_every`` steps.
+(quarantine zeroed and frozen) is fine-tuned, unrouted, with the training step's own
+components (:mod:`evil_moe.train.step`), and held-out losses are measured every
+``eval_every`` steps.
 
 * **Relearning** (robustness of the removal): fine-tuning on forget-domain data; the
   answer is the first step at which the held-out forget loss reaches a *target*. The
@@ -23,11 +24,11 @@ from typing import Any
 import torch
 
 from evil_moe.data.batching import BatchIterator, TokenSequences
-from evil_moe.eval.losses import mean_token_loss
-from evil_moe.models.testbed import Testbed
-from evil_moe.modules.ablation import ablate, parameter_groups
+from evil_moe.models.testbed import Testbed, mean_token_loss
+from evil_moe.modules.ablation import ablate
 from evil_moe.routing.optim import StepLedger, routed_step
 from evil_moe.train.config import RunConfig
+from evil_moe.train.step import make_optimizer, train_step
 
 
 def finetune_curve(
@@ -46,8 +47,6 @@ def finetune_curve(
     ``(step, mean token loss)`` from step 0 (ablated, before fine-tuning) to ``steps``.
     ``model`` itself is untouched.
     """
-    from evil_moe.train.loop import make_optimizer, train_step, unrouted_names
-
     if steps < 1 or eval_every < 1:
         raise ValueError("steps and eval_every must be >= 1")
     if len(train_seqs) == 0:
@@ -57,7 +56,7 @@ def finetune_curve(
     ablate(tuned, freeze=True)
     tune_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, lr=lr or t.lr))
     optimizer = make_optimizer(tuned, tune_cfg)
-    ledger = StepLedger(parameter_groups(tuned, unrouted_names(tuned)), "none")
+    ledger = StepLedger(tuned.parameter_groups(), "none")
     batches = iter(BatchIterator(train_seqs, t.batch_size, seed=t.seed + seed_offset))
 
     def measure(step: int) -> None:

@@ -7,17 +7,11 @@ and they are built on first access.
 
 from typing import Any
 
-from evil_moe.models.hf import (
-    QuarantineConfig,
-    QuarantineHandle,
-    RoutedTrainerMixin,
-    RouteLabelCollator,
-    get_handle,
-    inject,
-    load_quarantine,
-    route_labels,
-)
+from evil_moe.models.handle import QuarantineConfig, QuarantineHandle, get_handle, route_labels
+from evil_moe.models.inject import inject
+from evil_moe.models.persistence import load_quarantine
 from evil_moe.models.testbed import Testbed, TestbedConfig, lm_loss
+from evil_moe.models.trainer import RoutedTrainerMixin, RouteLabelCollator
 
 __all__ = [
     "QuarantineConfig",
@@ -38,7 +32,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("RoutedTrainer", "RoutedStepCallback"):  # need transformers: built on first use
-        from evil_moe.models import hf
+        from evil_moe.models import trainer
 
-        return getattr(hf, name)
+        return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Layers that add a quarantine bank to an existing model (used by :mod:`evil_moe.models.hf`).
+"""Layers that add a quarantine bank to an existing model (used by :mod:`evil_moe.models.inject`).
 
 Every wrapper keeps the layer it replaces as ``base_layer`` (PEFT style) and reads the
 per-forward :class:`~evil_moe.routing.labels.RoutingPlan` from a :class:`RoutingState`
@@ -181,7 +181,7 @@ class SharedLoRA(nn.Module):
         return self.down @ self.up
 
 
-class _Wrapper(nn.Module):
+class Wrapper(nn.Module):
     """Common part of all wrappers: the wrapped ``base_layer`` and the shared state."""
 
     def __init__(self, base_layer: nn.Module, state: RoutingState, name: str):
@@ -199,7 +199,7 @@ class _Wrapper(nn.Module):
             return getattr(self.base_layer, name)
 
 
-class RoutedBaseLinear(_Wrapper):
+class RoutedBaseLinear(Wrapper):
     """A trained base linear layer whose weight gradient skips forget tokens (SGTM)."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -211,7 +211,7 @@ class RoutedBaseLinear(_Wrapper):
         return routed_linear(x, weight, bias, plan.shared_grad)
 
 
-class QuarantineLayer(_Wrapper):
+class QuarantineLayer(Wrapper):
     """A base layer plus an optional shared expert and K quarantine experts."""
 
     experts: FusedExperts
@@ -387,15 +387,26 @@ class QuarantineMLP(QuarantineLayer):
 STATE_ATTR = "_evil_moe_state"
 
 
+def attach_state(module: nn.Module, state: RoutingState) -> None:
+    """Give a hooked module the routing state its hooks read."""
+    module.__dict__[STATE_ATTR] = state
+
+
+def detach_state(module: nn.Module) -> None:
+    """Remove the routing state :func:`attach_state` gave ``module`` (if any)."""
+    module.__dict__.pop(STATE_ATTR, None)
+
+
 def state_of(module: nn.Module) -> RoutingState:
     """The routing state attached to a hooked module (survives ``deepcopy`` and pickling)."""
     return module.__dict__[STATE_ATTR]
 
 
 class RouteHook:
-    """Base of the hooks :func:`~evil_moe.models.hf.inject` registers (found again by type
-    at unload). Each reads the state attached to its module, never a captured one, so a
-    deep copy of the model routes by its own state."""
+    """Base of the hooks :func:`~evil_moe.models.inject.inject` registers (the handle
+    keeps the handles that registration returns, and removes them at unload). Each reads
+    the state attached to its module, never a captured one, so a deep copy of the model
+    routes by its own state."""
 
     def __init__(self, name: str = ""):
         self.name = name
@@ -467,14 +478,3 @@ class PerTokenHook(RouteHook):
             state.guard = False
         flags = keep.reshape(*out.shape[:-1], 1).bool()
         return torch.where(flags, out, frozen)
-
-
-def remove_route_hooks(module: nn.Module) -> None:
-    """Remove every :class:`RouteHook` and the attached state from ``module``."""
-    for hooks in (module._forward_pre_hooks, module._forward_hooks):
-        for key in [k for k, h in hooks.items() if isinstance(h, RouteHook)]:
-            del hooks[key]
-            module._forward_hooks_with_kwargs.pop(key, None)
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
-            module._forward_hooks_always_called.pop(key, None)
-    module.__dict__.pop(STATE_ATTR, None)

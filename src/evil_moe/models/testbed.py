@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evil_moe.modules.ablation import parameter_groups, quarantine_parameters
 from evil_moe.modules.experts import (
     ACTIVATIONS,
     MLP,
@@ -31,6 +32,7 @@ from evil_moe.modules.experts import (
 )
 from evil_moe.routing.functional import mask_cotangent, routed_linear, routed_scale
 from evil_moe.routing.labels import Method, RoutingPlan, make_plan, parse_route_labels
+from evil_moe.routing.optim import ParameterGroups
 from evil_moe.routing.routers import RouterConfig
 
 
@@ -251,11 +253,29 @@ class Testbed(nn.Module):
                 out[name] = out[name] + value if name in out else value
         return out
 
+    def unrouted_names(self) -> set[str]:
+        """Shared parameters that every token trains (embeddings / norms when not routed,
+        an open shared expert)."""
+        names = set()
+        for name, _ in self.named_parameters():
+            is_embedding = name in ("wte.weight", "wpe.weight")
+            is_norm = "norm" in name
+            is_open_expert = ".shared_expert." in name and self.cfg.shared_expert_open
+            if (
+                (is_embedding and not self.cfg.route_embeddings)
+                or (is_norm and not self.cfg.route_norms)
+                or is_open_expert
+            ):
+                names.add(name)
+        return names
+
+    def parameter_groups(self) -> ParameterGroups:
+        """Routed shared, open shared and quarantine parameters (for a ledger or clipping)."""
+        return parameter_groups(self, self.unrouted_names())
+
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts: shared (deployed), quarantine (ablated), and the quarantine
         parameters whose per-expert gradients a backward router assigns."""
-        from evil_moe.modules.ablation import quarantine_parameters
-
         quarantine = sum(p.numel() for p in quarantine_parameters(self).values())
         total = sum(p.numel() for p in self.parameters())
         controlled = sum(
@@ -281,3 +301,17 @@ def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     if reduction == "none":
         return flat.view(targets.shape)
     return flat.mean() if reduction == "mean" else flat.sum()
+
+
+@torch.no_grad()
+def mean_token_loss(model: nn.Module, tokens: Tensor, batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy of ``tokens`` ``[M, L+1]`` (no routing: deployment view)."""
+    if tokens.shape[0] == 0:
+        return float("nan")
+    total, count = 0.0, 0
+    for i in range(0, tokens.shape[0], batch_size):
+        chunk = tokens[i : i + batch_size]
+        logits = model(chunk[:, :-1])
+        total += float(lm_loss(logits, chunk[:, 1:], reduction="sum"))
+        count += chunk[:, 1:].numel()
+    return total / count

@@ -29,6 +29,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from evil_moe.io import (
+    append_jsonl,
+    read_jsonl,
+    read_tensors,
+    write_json,
+    write_jsonl,
+    write_tensors,
+)
 from evil_moe.rl.config import RLConfig
 from evil_moe.rl.evaluate import (
     evaluate_policy,
@@ -46,16 +54,7 @@ from evil_moe.rl.trainer import (
     routed_optimizer_step,
 )
 from evil_moe.rl.warmstart import warm_start
-from evil_moe.train.io import (
-    append_jsonl,
-    load_checkpoint,
-    read_jsonl,
-    read_tensors,
-    save_checkpoint,
-    write_json,
-    write_jsonl,
-    write_tensors,
-)
+from evil_moe.train.io import load_checkpoint, save_checkpoint
 
 WARM_FILE = "warmstart.safetensors"
 

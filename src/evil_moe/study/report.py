@@ -12,9 +12,9 @@ from typing import Any
 import jinja2
 import numpy as np
 
+from evil_moe.io import write_bytes
 from evil_moe.study.analysis import METRICS, Analysis
 from evil_moe.study.spec import baseline_recall
-from evil_moe.train.io import write_bytes
 
 #: columns of the arms table: (metric, header)
 ARM_COLUMNS = [

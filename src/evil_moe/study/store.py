@@ -28,12 +28,12 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
-import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from evil_moe.io import atomic_write
 from evil_moe.study.spec import RunSpec, canonical_json, config_hash
 
 SCHEMA_VERSION = 1
@@ -128,37 +128,34 @@ class ResultStore:
 
     @staticmethod
     def _create(path: Path, study_id: str, source: str, spec: dict[str, Any]) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
-            stale.unlink(missing_ok=True)
-        conn = _connect(tmp)
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("BEGIN")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            meta = {
-                "schema_version": str(SCHEMA_VERSION),
-                "study_id": study_id,
-                "source": source,
-                "spec": canonical_json(spec),
-                "created_at": _now(),
-            }
-            conn.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # fails if another process created the store meanwhile
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
+        def build(tmp: str) -> None:
+            conn = _connect(Path(tmp))
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("BEGIN")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                meta = {
+                    "schema_version": str(SCHEMA_VERSION),
+                    "study_id": study_id,
+                    "source": source,
+                    "spec": canonical_json(spec),
+                    "created_at": _now(),
+                }
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.close()
+                for side in (Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+                    side.unlink(missing_ok=True)
+                raise
+            conn.close()  # the last connection: SQLite folds the WAL in and removes it
+
+        # linked into place only when complete; a store created meanwhile is kept
+        atomic_write(path, build, replace=False)
 
     @classmethod
     def _open_existing(cls, path: Path) -> ResultStore:

@@ -1,17 +1,17 @@
 """The one training loop: every method, every corpus, every study run goes through here.
 
     result = train(load_config(overrides=["train.method=sgtm"]), out_dir="runs/x")
+    result.model, result.log                       # the trained model and its log
 
 A step is: forward with route labels, summed token loss / token count, backward, then
 :func:`~evil_moe.routing.optim.routed_step`: idle groups released (no optimizer movement
-on behalf of forget tokens), per-group gradient clipping, AdamW step. Evaluation lives
-in :mod:`evil_moe.eval`.
+on behalf of forget tokens), per-group gradient clipping, AdamW step. Training does not
+evaluate: :func:`evil_moe.recipes.train_and_evaluate` composes train -> evaluate -> write.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,33 +20,39 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from evil_moe.data.batching import BatchIterator, steps_for_epochs
-from evil_moe.eval.losses import evaluate_losses, mean_token_loss
-from evil_moe.eval.specialization import gate_statistics, specialization_report
-from evil_moe.models.testbed import Testbed, lm_loss
-from evil_moe.modules.ablation import parameter_groups
+from evil_moe.data.batching import BatchIterator
+from evil_moe.io import append_jsonl, read_jsonl, write_json, write_jsonl, write_tensors
+from evil_moe.models.testbed import Testbed, mean_token_loss
 from evil_moe.routing.labels import Method
 from evil_moe.routing.optim import StepLedger, routed_step
 from evil_moe.train.config import RunConfig
-from evil_moe.train.io import (
-    append_jsonl,
-    load_checkpoint,
-    read_jsonl,
-    save_checkpoint,
-    write_json,
-    write_jsonl,
-    write_tensors,
-)
+from evil_moe.train.io import load_checkpoint, save_checkpoint
 from evil_moe.train.setup import PreparedRun, prepare_run
+from evil_moe.train.step import lr_at, make_optimizer, total_steps, train_step
+
+__all__ = ["SpikeCounter", "TrainResult", "train"]
 
 
 @dataclass
-class RunResult:
-    """What a finished run returns (and writes to ``out_dir``)."""
+class TrainResult:
+    """What :func:`train` returns: the trained model, its log and how training went."""
 
-    metrics: dict[str, Any]
     model: Testbed
+    #: one record per logged step: ``step``, ``loss``, ``lr``, ``grad_norm``, ``skipped``
+    #: (and ``heldout_retain`` at 80% of training)
     log: list[dict[str, Any]] = field(default_factory=list)
+    #: optimizer steps of the run
+    steps: int = 0
+    #: training tokens and seconds of the steps run by this call (not resumed ones)
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    #: steps whose loss exceeded 1.25 x an EMA of earlier steps or was not finite
+    loss_spikes: int = 0
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Training throughput of this call (``None`` if it ran no step)."""
+        return self.tokens_seen / self.train_seconds if self.train_seconds > 0 else None
 
 
 class SpikeCounter:
@@ -69,83 +75,18 @@ class SpikeCounter:
         self.ema = loss if self.ema is None else self.decay * self.ema + (1 - self.decay) * loss
 
 
-def total_steps(cfg: RunConfig, n_sequences: int) -> int:
-    """Optimizer steps of a run: ``train.steps``, or exact passes with ``train.epochs``."""
-    t = cfg.train
-    return steps_for_epochs(n_sequences, t.batch_size, t.epochs) if t.epochs else t.steps
-
-
-def lr_at(step: int, cfg: RunConfig, steps: int | None = None) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``steps``
-    (default ``train.steps``)."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    span = max(1, (steps or t.steps) - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    ratio = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return t.lr * ratio
-
-
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (biases, norm gains) do not."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    t = cfg.train
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": t.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=t.lr,
-        betas=(t.beta1, t.beta2),
-    )
-
-
-def unrouted_names(model: Testbed) -> set[str]:
-    """Shared parameters that every token trains (embeddings / norms when not routed, an
-    open shared expert)."""
-    names = set()
-    for name, _ in model.named_parameters():
-        is_embedding = name in ("wte.weight", "wpe.weight")
-        is_norm = "norm" in name
-        is_open_expert = ".shared_expert." in name and model.cfg.shared_expert_open
-        if (
-            (is_embedding and not model.cfg.route_embeddings)
-            or (is_norm and not model.cfg.route_norms)
-            or is_open_expert
-        ):
-            names.add(name)
-    return names
-
-
-def train_step(
-    model: Testbed,
-    batch: dict[str, torch.Tensor],
-    semantics: str,
-    ledger: StepLedger,
-) -> float:
-    """Forward and backward of one micro-batch; returns its mean token loss."""
-    tokens = batch["tokens"]
-    route = batch["route"]
-    logits = model(tokens[:, :-1], route=route, mode=batch.get("mode"), semantics=semantics)
-    loss = lm_loss(logits, tokens[:, 1:])
-    aux = model.aux_losses()
-    total = loss + sum(aux.values()) if aux else loss
-    total.backward()
-    ledger.record(route)
-    return float(loss.detach())
-
-
 def train(
     cfg: RunConfig,
     out_dir: str | Path | None = None,
     progress: bool = True,
     prepared: PreparedRun | None = None,
-) -> RunResult:
-    """Train one run, evaluate it before/after ablation, and write its outputs.
+) -> TrainResult:
+    """Train one run; returns the trained model and its log (nothing is evaluated).
 
-    If ``out_dir`` holds a checkpoint of the same config, training resumes from it.
+    With ``out_dir``: writes ``config.json``, ``train_log.jsonl``, checkpoints every
+    ``train.checkpoint_every`` steps and the final ``model.safetensors``; if ``out_dir``
+    holds a checkpoint of the same config, training resumes from it. The checkpoints stay
+    until the run's last output is written (:func:`~evil_moe.train.io.remove_checkpoints`).
     """
     t = cfg.train
     if t.threads:
@@ -154,7 +95,7 @@ def train(
     model = run.model
     semantics = Method(t.method).semantics
     optimizer = make_optimizer(model, cfg)
-    ledger = StepLedger(parameter_groups(model, unrouted_names(model)), semantics)
+    ledger = StepLedger(model.parameter_groups(), semantics)
 
     out = Path(out_dir) if out_dir is not None else None
     start = 0
@@ -225,40 +166,13 @@ def train(
             save_checkpoint(out, step + 1, model, optimizer)
     bar.close()
 
-    stability = {"loss_spikes": spikes.count, **(gate_statistics(model) or {})}
-    model.eval()
-    losses = evaluate_losses(model, run.eval, batch_size=t.batch_size)
-    special = specialization_report(
-        model, run.eval, model.cfg.n_experts, run.mode_names, batch_size=t.batch_size
-    )
-    for warning in special["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
-    metrics: dict[str, Any] = {
-        "method": t.method,
-        "variant": cfg.variant,
-        "loss": losses,
-        "tokens_per_second": tokens_seen / train_seconds if train_seconds > 0 else None,
-        "train_tokens": run.token_counts,
-        "parameters": model.num_parameters(),
-        "steps": steps,
-        "epochs": t.epochs or None,
-        "final_train_loss": log[-1]["loss"] if log else None,
-        "retain_convergence": _convergence(log, losses),
-        "specialization": special,
-        "stability": stability,
-    }
     if out is not None:
         write_tensors(out / "model.safetensors", model.state_dict(), {"method": t.method})
-        write_json(out / "metrics.json", metrics)
-        for stale in (*out.glob("checkpoint-*.safetensors"), out / "checkpoint.json"):
-            stale.unlink(missing_ok=True)
-    return RunResult(metrics=metrics, model=model, log=log)
-
-
-def _convergence(log: list[dict[str, Any]], losses: dict[str, Any]) -> dict[str, float] | None:
-    """Held-out retain loss (as trained) at 80% of training and at the end, and the change."""
-    at_80 = next((r["heldout_retain"] for r in log if "heldout_retain" in r), None)
-    final = losses.get("retain", {}).get("trained")
-    if at_80 is None or final is None:
-        return None
-    return {"at_80": at_80, "final": final, "last20_change": final - at_80}
+    return TrainResult(
+        model=model,
+        log=log,
+        steps=steps,
+        tokens_seen=tokens_seen,
+        train_seconds=train_seconds,
+        loss_spikes=spikes.count,
+    )

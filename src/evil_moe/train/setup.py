@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
-from evil_moe.data.batching import PreparedData, TokenSequences, prepare_documents, token_counts
+from evil_moe.data.batching import TokenSequences, token_counts
 from evil_moe.data.corpus import (
     DataError,
     Document,
@@ -20,6 +20,7 @@ from evil_moe.data.corpus import (
     load_jsonl,
 )
 from evil_moe.data.monitor import Monitor
+from evil_moe.data.prepare import PreparedData, prepare_documents
 from evil_moe.data.tokenizer import default_tokenizer, train_tokenizer
 from evil_moe.models.testbed import Testbed
 from evil_moe.routing.labels import Method, RouteLabel
