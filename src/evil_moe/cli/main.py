@@ -83,11 +83,21 @@ def _check_out_dir(out: Path, cfg: RunConfig) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from evil_moe.eval.tables import loss_table
     from evil_moe.recipes.experiment import RunMetrics, train_and_evaluate
+    from evil_moe.train.distributed import launched_by_torchrun, torchrun
     from evil_moe.train.setup import prepare_run
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
     _check_out_dir(out, cfg)
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+        if not launched_by_torchrun():  # start torchrun, which starts this command N times
+            return torchrun(args.nproc, ["-m", "evil_moe.cli.main", *_drop_nproc(args.argv)])
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if not main_rank:  # one rank of a data-parallel run: rank 0 alone prints
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     if (out / "metrics.json").exists():
         metrics = RunMetrics.from_dict(
             json.loads((out / "metrics.json").read_text(encoding="utf-8"))
@@ -100,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"evil-moe train: method={cfg.train.method} corpus={cfg.data.corpus} "
             f"params={counts['shared']:,} shared + {counts['quarantine']:,} quarantine, "
             f"{len(prepared.train)} training sequences",
-            file=sys.stderr,
+            file=sys.stderr if main_rank else sys.stdout,
         )
         metrics = train_and_evaluate(cfg, out, progress=not args.quiet, prepared=prepared).metrics
     print(loss_table(metrics.to_dict()))
@@ -109,6 +119,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"training throughput: {tps:,.0f} tokens/s")
     print(f"wrote {out}/metrics.json")
     return 0
+
+
+def _drop_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -199,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML config file")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="data-parallel processes on this machine (starts torchrun; train.batch_size is "
+        "the global batch)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_train)
     s = sub.add_parser(
@@ -235,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         with stop_on_signals():
             return args.func(args)

@@ -230,6 +230,8 @@ class Testbed(nn.Module):
         """Logits ``[B, T, vocab]`` for ``tokens`` ``[B, T]``, routed by ``route``: route
         labels per sequence ``[B]`` or per token ``[B, T]``, codes or names (see
         :func:`~evil_moe.routing.labels.parse_route_labels`)."""
+        tokens = tokens.to(self.wte.weight.device)  # device-transparent (no-op on CPU)
+        mode = mode.to(tokens.device) if mode is not None else None
         B, T = tokens.shape
         if self.cfg.seq_len < T:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cfg.seq_len}")
@@ -297,6 +299,7 @@ def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}")
     wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    targets = targets.to(logits.device)
     flat = F.cross_entropy(wide.reshape(-1, wide.shape[-1]), targets.reshape(-1), reduction="none")
     if reduction == "none":
         return flat.view(targets.shape)

@@ -26,6 +26,7 @@ from evil_moe.train.config import RunConfig
 from evil_moe.train.io import remove_checkpoints
 from evil_moe.train.loop import TrainResult, train
 from evil_moe.train.setup import PreparedRun, prepare_run
+from evil_moe.train.tracking import open_tracker
 
 __all__ = ["RunMetrics", "RunResult", "evaluate_run", "train_and_evaluate"]
 
@@ -112,12 +113,15 @@ def train_and_evaluate(
 
     ``out_dir`` gets ``config.json``, ``train_log.jsonl``, ``model.safetensors`` and
     ``metrics.json`` (its checkpoints are removed once ``metrics.json`` is written); a
-    checkpoint of the same config there is resumed.
+    checkpoint of the same config there is resumed. The trackers of ``train.report_to``
+    get the training curve and the final metrics.
     """
     run = prepared if prepared is not None else prepare_run(cfg)
-    trained = train(cfg, out_dir, progress=progress, prepared=run)
-    metrics = evaluate_run(cfg, run, trained)
-    if out_dir is not None:
+    with open_tracker(cfg, out_dir) as tracker:
+        trained = train(cfg, out_dir, progress=progress, prepared=run, tracker=tracker)
+        metrics = evaluate_run(cfg, run, trained)
+        tracker.summary(metrics.to_dict(), trained.steps)
+    if out_dir is not None and trained.rank == 0:  # every rank evaluates, rank 0 writes
         write_json(Path(out_dir) / "metrics.json", metrics.to_dict())
         remove_checkpoints(out_dir)
     return RunResult(metrics=metrics, model=trained.model, log=trained.log)

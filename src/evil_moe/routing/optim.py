@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from evil_moe.routing.distributed import global_route_labels
 from evil_moe.routing.labels import Method, RouteLabel, parse_route_labels
 
 _R, _F, _U = RouteLabel.RETAIN, RouteLabel.FORGET, RouteLabel.UNLABELED
@@ -157,11 +158,25 @@ class StepLedger:
     model's structure decides; on a step whose only trainers are such tokens each
     parameter is kept exactly when its accumulated gradient is nonzero. Open groups
     (``open_shared``, ``open_quarantine``) are never released.
+
+    Under data parallelism (an initialised ``torch.distributed`` process group, as
+    ``torchrun`` and ``accelerate launch`` make) the decision is global: the labels seen
+    by every rank of ``process_group`` (default: the whole world) are all-reduced before
+    releasing, so all ranks release the same groups (``data_parallel=False``: decide from
+    this rank's labels alone, for ranks that train separate models).
     """
 
-    def __init__(self, groups: ParameterGroups, semantics: Method | str = Method.SGTM):
+    def __init__(
+        self,
+        groups: ParameterGroups,
+        semantics: Method | str = Method.SGTM,
+        process_group: Any = None,
+        data_parallel: bool = True,
+    ):
         self.groups = groups
         self.semantics = Method.parse(semantics).semantics
+        self.process_group = process_group
+        self.data_parallel = data_parallel
         self._seen: set[RouteLabel] = set()
 
     def record(self, route: Any) -> None:
@@ -183,13 +198,15 @@ class StepLedger:
         step; returns, per group, whether no parameter of it will be stepped."""
         if self.semantics is Method.NONE:
             seen = set(_EVERY)
-        elif not self._seen:
-            raise RuntimeError(
-                "StepLedger.release_idle(): no route labels were recorded for this step; "
-                "call ledger.record(route) after each micro-batch's backward"
-            )
         else:
             seen = self._seen
+            if self.data_parallel:  # every rank decides from the global step's labels
+                seen = global_route_labels(seen, self.process_group)
+            if not self._seen:
+                raise RuntimeError(
+                    "StepLedger.release_idle(): no route labels were recorded for this step; "
+                    "call ledger.record(route) after each micro-batch's backward"
+                )
         idle = {}
         shared_rule, quarantine_rule = _RULES[self.semantics]
         for name, params, rule in (

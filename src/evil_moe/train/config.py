@@ -99,6 +99,22 @@ class TrainConfig:
     checkpoint_every: int = 0
     #: torch CPU threads (0 = torch's default)
     threads: int = 0
+    #: ``auto`` (a GPU when one is visible), ``cpu`` or ``cuda``; bf16 autocast on GPUs.
+    #: Under ``torchrun`` every rank trains on its share of each ``batch_size`` batch.
+    device: str = "auto"
+    #: experiment trackers that get the training curve and final metrics:
+    #: ``tensorboard``, ``wandb`` (offline unless ``WANDB_MODE`` says otherwise)
+    report_to: list[str] = field(default_factory=list)
+    #: where the trackers write (empty: the run's output directory)
+    tracking_dir: str = ""
+
+
+#: settings of how a run executes, not of what it computes: left out of
+#: :meth:`RunConfig.to_dict` (``config.json``, a study run's key) while at these defaults,
+#: so every run that does not set them keeps the config and the key it had before
+EXECUTION_DEFAULTS: dict[str, Any] = {"device": "auto", "report_to": [], "tracking_dir": ""}
+DEVICES = ("auto", "cpu", "cuda")
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -113,7 +129,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain nested values (``config.json``); execution settings at their defaults
+        (:data:`EXECUTION_DEFAULTS`) are left out."""
+        out = dataclasses.asdict(self)
+        for key, default in EXECUTION_DEFAULTS.items():
+            if out["train"].get(key) == default:
+                del out["train"][key]
+        return out
 
 
 # -- parsing ---------------------------------------------------------------------------
@@ -305,3 +327,6 @@ def validate(cfg: RunConfig) -> None:
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     _check(t.threads >= 0, "train.threads", "must be >= 0")
+    _check(t.device in DEVICES, "train.device", f"must be one of {DEVICES}, got {t.device!r}")
+    unknown = sorted(set(t.report_to) - set(TRACKERS))
+    _check(not unknown, "train.report_to", f"unknown tracker(s) {unknown}; known: {TRACKERS}")

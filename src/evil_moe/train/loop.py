@@ -26,9 +26,11 @@ from evil_moe.models.testbed import Testbed, mean_token_loss
 from evil_moe.routing.labels import Method
 from evil_moe.routing.optim import StepLedger, routed_step
 from evil_moe.train.config import RunConfig
+from evil_moe.train.distributed import DataParallel, StepModel
 from evil_moe.train.io import load_checkpoint, save_checkpoint
 from evil_moe.train.setup import PreparedRun, prepare_run
 from evil_moe.train.step import lr_at, make_optimizer, total_steps, train_step
+from evil_moe.train.tracking import Tracker, open_tracker
 
 __all__ = ["SpikeCounter", "TrainResult", "train"]
 
@@ -48,6 +50,9 @@ class TrainResult:
     train_seconds: float = 0.0
     #: steps whose loss exceeded 1.25 x an EMA of earlier steps or was not finite
     loss_spikes: int = 0
+    #: this process's rank and the number of data-parallel ranks (``torchrun``)
+    rank: int = 0
+    world: int = 1
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -80,6 +85,7 @@ def train(
     out_dir: str | Path | None = None,
     progress: bool = True,
     prepared: PreparedRun | None = None,
+    tracker: Tracker | None = None,
 ) -> TrainResult:
     """Train one run; returns the trained model and its log (nothing is evaluated).
 
@@ -87,27 +93,40 @@ def train(
     ``train.checkpoint_every`` steps and the final ``model.safetensors``; if ``out_dir``
     holds a checkpoint of the same config, training resumes from it. The checkpoints stay
     until the run's last output is written (:func:`~evil_moe.train.io.remove_checkpoints`).
+    The model trains on ``train.device``; under ``torchrun`` every rank trains its share
+    of each batch (:mod:`evil_moe.train.distributed`) and rank 0 alone writes. Logged
+    records also go to ``tracker`` (default: the trackers of ``train.report_to``, closed
+    on return).
     """
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
     run = prepared if prepared is not None else prepare_run(cfg)
     model = run.model
+    parallel = DataParallel.setup(t.device)
+    model.to(parallel.device)
     semantics = Method(t.method).semantics
     optimizer = make_optimizer(model, cfg)
     ledger = StepLedger(model.parameter_groups(), semantics)
 
     out = Path(out_dir) if out_dir is not None else None
+    writes = out if parallel.is_main else None  # every rank reads a checkpoint, rank 0 writes
+    own_tracker = tracker is None
+    if tracker is None:
+        tracker = open_tracker(cfg, out)
     start = 0
     log: list[dict[str, Any]] = []
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", cfg.to_dict())
+        if writes is not None:
+            writes.mkdir(parents=True, exist_ok=True)
+            write_json(writes / "config.json", cfg.to_dict())
         resumed = load_checkpoint(out, model, optimizer)
         if resumed is not None:
             start = resumed
             log = [r for r in read_jsonl(out / "train_log.jsonl") if r["step"] <= start]
-        write_jsonl(out / "train_log.jsonl", log)
+        if writes is not None:
+            write_jsonl(writes / "train_log.jsonl", log)
+    step_model = StepModel(model, parallel.wrap(model), parallel)
 
     steps = total_steps(cfg, len(run.train))
     batches = iter(
@@ -122,7 +141,7 @@ def train(
         total=steps,
         initial=start,
         desc=f"train {t.method}",
-        disable=not progress,
+        disable=not progress or not parallel.is_main,
         dynamic_ncols=True,
         leave=False,
     )
@@ -136,7 +155,7 @@ def train(
         batch = next(batches)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg, steps)
-        loss = train_step(model, batch, semantics, ledger)
+        loss = parallel.mean(train_step(step_model, parallel.shard(batch), semantics, ledger))
         report = routed_step(optimizer, ledger, t.grad_clip)
         train_seconds += time.perf_counter() - began
         tokens_seen += batch["route"].numel()
@@ -160,14 +179,18 @@ def train(
             recent = []
             log.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if out is not None:
-                append_jsonl(out / "train_log.jsonl", record)
-        if out is not None and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
-            save_checkpoint(out, step + 1, model, optimizer)
+            tracker.log(_scalars(record), step + 1)
+            if writes is not None:
+                append_jsonl(writes / "train_log.jsonl", record)
+        if writes is not None and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+            save_checkpoint(writes, step + 1, model, optimizer)
     bar.close()
+    parallel.close()
+    if own_tracker:
+        tracker.close()
 
-    if out is not None:
-        write_tensors(out / "model.safetensors", model.state_dict(), {"method": t.method})
+    if writes is not None:
+        write_tensors(writes / "model.safetensors", model.state_dict(), {"method": t.method})
     return TrainResult(
         model=model,
         log=log,
@@ -175,4 +198,15 @@ def train(
         tokens_seen=tokens_seen,
         train_seconds=train_seconds,
         loss_spikes=spikes.count,
+        rank=parallel.rank,
+        world=parallel.world,
     )
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A log record as tracker scalars: ``train/loss``, ``train/grad_norm/shared``, ..."""
+    out = {f"train/{k}": float(v) for k, v in record.items() if isinstance(v, int | float)}
+    out.pop("train/step", None)
+    for group, norm in record.get("grad_norm", {}).items():
+        out[f"train/grad_norm/{group}"] = float(norm)
+    return out
