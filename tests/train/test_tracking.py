@@ -22,7 +22,7 @@ def test_execution_settings_keep_the_config_and_key(tiny_overrides):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("train.report_to=[\"mlflow\"]", "unknown tracker"), ("train.device=tpu", "train.device")],
+    [('train.report_to=["mlflow"]', "unknown tracker"), ("train.device=tpu", "train.device")],
 )
 def test_bad_execution_settings_are_config_errors(tiny_overrides, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -137,15 +137,28 @@ def _drop_nproc(argv: list[str]) -> list[str]:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from evil_moe.study.analysis import analyse
+    from evil_moe.study.executors import RayOptions
     from evil_moe.study.report import verdict_rows, write_report
     from evil_moe.study.runner import run_study, threads_per_worker
     from evil_moe.study.spec import expand, load_spec, unique_runs
     from evil_moe.study.store import ResultStore
+    from evil_moe.train.config import TRACKERS
 
     spec, source = load_spec(args.preset)  # bad presets fail here, before --out is touched
     jobs = args.jobs if args.jobs is not None else max(1, os.cpu_count() or 1)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    unknown = sorted(set(args.report_to) - set(TRACKERS))
+    if unknown:
+        raise ConfigError(f"--report-to: unknown tracker(s) {unknown}; known: {TRACKERS}")
+    if args.cpus_per_run <= 0 or args.gpus_per_run < 0:
+        raise ConfigError("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
+    if args.executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("--executor ray needs Ray: pip install 'evil-moe[distributed]'")
+    ray_options = RayOptions(args.address, args.cpus_per_run, args.gpus_per_run)
     out = Path(args.out)
     store = ResultStore.open(
         out, spec.study_id, source, spec.to_dict(), create=not args.report_only
@@ -155,10 +168,15 @@ def cmd_study(args: argparse.Namespace) -> int:
         runs = unique_runs(expand(spec))
         done = len({r.key for r in runs} & store.keys())
         if not args.report_only:
+            where = (
+                f"Ray tasks of {args.cpus_per_run:g} CPU(s) + {args.gpus_per_run:g} GPU(s) on "
+                f"{args.address or 'a local Ray instance'}"
+                if args.executor == "ray"
+                else f"{jobs} worker(s) x {threads_per_worker(jobs)} thread(s)"
+            )
             print(
                 f"evil-moe study: {spec.study.name} ({source}): {len(runs)} runs, {done} already "
-                f"finished; {jobs} worker(s) x {threads_per_worker(jobs)} thread(s); store "
-                f"{store.path}",
+                f"finished; {where}; store {store.path}",
                 file=sys.stderr,
             )
             outcome = run_study(
@@ -169,6 +187,9 @@ def cmd_study(args: argparse.Namespace) -> int:
                 source=source,
                 keep_runs=args.keep_runs,
                 store=store,
+                executor=args.executor,
+                ray=ray_options,
+                report_to=args.report_to,
             )
             if outcome.finished:
                 rate = outcome.finished / outcome.wall_s * 3600 if outcome.wall_s else 0.0
@@ -247,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--report-only", action="store_true", help="only rebuild the report")
     s.add_argument("--keep-runs", action="store_true", help="also keep DIR/runs/<key>/ outputs")
+    s.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local worker processes (default) or one Ray task per run",
+    )
+    s.add_argument(
+        "--address", default=None, help="Ray cluster address (default: start a local Ray)"
+    )
+    s.add_argument("--cpus-per-run", type=float, default=1.0, help="Ray: CPUs per run")
+    s.add_argument("--gpus-per-run", type=float, default=0.0, help="Ray: GPUs per run")
+    s.add_argument(
+        "--report-to",
+        nargs="+",
+        default=[],
+        metavar="TRACKER",
+        help="log every run to tensorboard and/or wandb (DIR/tracking/<key>/)",
+    )
     s.set_defaults(func=cmd_study)
     r = sub.add_parser(
         "rl",

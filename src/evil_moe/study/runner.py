@@ -30,11 +30,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from evil_moe.study.executors import RayOptions, execute_on_ray, tracking_dir
 from evil_moe.study.spec import RunSpec, StudySpec, expand, unique_runs
 from evil_moe.study.store import ResultStore
 
 #: attempts per run when its worker process dies (a Python error is not retried)
 MAX_ATTEMPTS = 2
+#: where runs execute: local worker processes (default) or Ray tasks
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -148,8 +151,16 @@ def run_study(
     source: str = "",
     keep_runs: bool = False,
     store: ResultStore | None = None,
+    executor: str = "local",
+    ray: RayOptions | None = None,
+    report_to: list[str] | None = None,
 ) -> StudyOutcome:
-    """Run every unfinished run of ``spec`` into ``out/results.sqlite``."""
+    """Run every unfinished run of ``spec`` into ``out/results.sqlite``: in ``jobs`` local
+    worker processes (``executor="local"``) or as Ray tasks (``"ray"``, see
+    :mod:`evil_moe.study.executors`); ``report_to`` names trackers for every run
+    (``OUT/tracking/<key prefix>``)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     out = Path(out)
     runs = unique_runs(expand(spec))
     own_store = store is None
@@ -160,16 +171,21 @@ def run_study(
         done = store.keys()
         todo = [r for r in runs if r.key not in done]
         outcome = StudyOutcome(total=len(runs), already_done=len(runs) - len(todo))
-        if todo:
-            _execute(spec, out, todo, store, outcome, jobs, progress, keep_runs)
+        if todo and executor == "ray":
+            tasks = [(r, _task(spec, r, out, keep_runs, report_to)) for r in todo]
+            execute_on_ray(tasks, store, outcome, ray or RayOptions(), progress)
+        elif todo:
+            _execute(spec, out, todo, store, outcome, jobs, progress, keep_runs, report_to)
         return outcome
     finally:
         if own_store:
             store.close()
 
 
-def _task(spec: StudySpec, run: RunSpec, out: Path, keep_runs: bool) -> dict[str, Any]:
-    return {
+def _task(
+    spec: StudySpec, run: RunSpec, out: Path, keep_runs: bool, report_to: list[str] | None = None
+) -> dict[str, Any]:
+    task = {
         "key": run.key,
         "label": run.label,
         "kind": run.kind,
@@ -177,6 +193,9 @@ def _task(spec: StudySpec, run: RunSpec, out: Path, keep_runs: bool) -> dict[str
         "measure": dataclasses.asdict(spec.measure),
         "run_dir": str(out / "runs" / run.key[:16]) if keep_runs else None,
     }
+    if report_to:  # how the run is watched: not part of its config or key
+        task["tracking"] = {"report_to": list(report_to), "dir": tracking_dir(out, run)}
+    return task
 
 
 def _execute(
@@ -188,6 +207,7 @@ def _execute(
     jobs: int,
     progress: bool,
     keep_runs: bool,
+    report_to: list[str] | None = None,
 ) -> None:
     began = time.perf_counter()
     jobs = max(1, min(jobs, len(todo)))
@@ -213,7 +233,7 @@ def _execute(
                 if w.run is None and pending:
                     run = pending.popleft()
                     w.run, w.started = run, time.perf_counter()
-                    w.conn.send(_task(spec, run, out, keep_runs))
+                    w.conn.send(_task(spec, run, out, keep_runs, report_to))
             busy = [w for w in pool.workers if w.run is not None]
             ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], 1.0))
             for w in busy:

@@ -77,6 +77,10 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
     """Train one resolved config and measure it; returns JSON-able results."""
     began, cpu_began = time.perf_counter(), time.process_time()
     cfg: RunConfig = config_from_dict(task["config"])
+    tracking = task.get("tracking")
+    if tracking:  # set after the driver computed the run's key from its config
+        cfg.train.report_to = list(tracking["report_to"])
+        cfg.train.tracking_dir = tracking["dir"]
     data = cached_data(cfg)
     called = time.perf_counter()
     result = measure_study_run(
