@@ -97,7 +97,7 @@ def _sequence_losses(model: nn.Module, tokens: Tensor, batch_size: int) -> Tenso
     for i in range(0, tokens.shape[0], batch_size):
         chunk = tokens[i : i + batch_size]
         out.append(lm_loss(model(chunk[:, :-1]), chunk[:, 1:], reduction="none").mean(dim=1))
-    return torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64)
+    return torch.cat(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64)
 
 
 @contextmanager
@@ -274,7 +274,7 @@ def distinctive_losses(
                 for i in range(0, tokens.shape[0], batch_size):
                     chunk = tokens[i : i + batch_size]
                     losses.append(lm_loss(model(chunk[:, :-1]), chunk[:, 1:], reduction="none"))
-            entry[view] = float(torch.cat(losses)[mask].double().mean())
+            entry[view] = float(torch.cat(losses).cpu()[mask].double().mean())
         out[name] = entry
     model.train(was_training)
     return out

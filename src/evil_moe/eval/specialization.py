@@ -48,12 +48,12 @@ def routing_statistics(
         return None
     layers = []
     total_load = np.zeros(found[0].n_experts)
-    mode_load = np.zeros_like(found[0].mode_load.numpy())
+    mode_load = np.zeros_like(found[0].mode_load.cpu().numpy())
     routed = dropped = amplified = entropy = corrected = 0.0
     for r in found:
-        load = r.load.double().numpy()
+        load = r.load.double().cpu().numpy()
         total_load += load
-        mode_load += r.mode_load.double().numpy()
+        mode_load += r.mode_load.double().cpu().numpy()
         routed += float(r.routed_tokens)
         dropped += float(r.dropped_tokens)
         amplified += float(r.amplified_tokens)

@@ -126,7 +126,12 @@ class RoutedTrainerMixin:
             max_norm = self.args.max_grad_norm
             self.args = copy.copy(self.args)  # the caller's arguments stay as they were
             self.args.max_grad_norm = 0.0  # no global clip: the callback clips per group
-        self.add_callback(_routed_step_callback()(self.route_ledger, max_norm))
+        callback = _routed_step_callback()(self.route_ledger, max_norm)
+        self.add_callback(callback)
+        # first, so that the trackers of ``args.report_to`` log what its on_log adds
+        callbacks = getattr(getattr(self, "callback_handler", None), "callbacks", None)
+        if callbacks is not None and callback in callbacks:
+            callbacks.insert(0, callbacks.pop(callbacks.index(callback)))
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -146,7 +151,9 @@ def _routed_step_callback() -> type:
     class RoutedStepCallback(TrainerCallback):
         """``TrainerCallback`` doing the routed step's work before ``optimizer.step()``:
         :meth:`~evil_moe.routing.optim.StepLedger.before_step` (release idle groups, clip
-        per group to ``max_norm``). The last step's report is kept in ``report``."""
+        per group to ``max_norm``). The last step's report is kept in ``report`` and goes
+        into the training logs (so to ``report_to``'s trackers). Under DDP
+        (``accelerate launch``, ``torchrun``) the ledger decides from every rank's labels."""
 
         def __init__(self, ledger: StepLedger, max_norm: float | None = None):
             self.ledger = ledger
@@ -155,6 +162,16 @@ def _routed_step_callback() -> type:
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any):
             self.report = self.ledger.before_step(self.max_norm)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any):
+            """Adds the last step's per-group norms (``grad_norm/shared``, ...) and idle
+            groups to the logs that ``args.report_to``'s trackers receive."""
+            if logs is None or self.report is None or "loss" not in logs:
+                return
+            for group, norm in self.report.grad_norm.items():
+                logs[f"grad_norm/{group}"] = norm
+            for group, idle in self.report.idle.items():
+                logs[f"idle/{group}"] = float(idle)
 
     RoutedStepCallback.__module__ = __name__
     return RoutedStepCallback
