@@ -67,6 +67,7 @@ _EXPORTS: dict[str, str] = {
     "inject": "models",
     "load_quarantine": "models",
     "route_labels": "models",
+    "save_deployed": "models",
     # data
     "BatchIterator": "data",
     "Monitor": "data",

@@ -7,6 +7,7 @@ and they are built on first access.
 
 from typing import Any
 
+from evil_moe.models.deploy import save_deployed
 from evil_moe.models.handle import QuarantineConfig, QuarantineHandle, get_handle, route_labels
 from evil_moe.models.inject import inject
 from evil_moe.models.persistence import load_quarantine
@@ -27,6 +28,7 @@ __all__ = [
     "lm_loss",
     "load_quarantine",
     "route_labels",
+    "save_deployed",
 ]
 
 

@@ -17,7 +17,7 @@ plus :class:`RoutedTrainerMixin` (``RoutedTrainer`` = the mixin on ``transformer
 
 This module gathers the names of the rooms that implement it: ``inject`` (injection),
 ``handle`` (the handle, ``get_handle``, ``route_labels``), ``persistence`` (save and
-load), ``trainer`` (the Trainer integration), ``targets`` (the module tree) and
+load), ``deploy`` (the plain deployed model, ``save_pretrained``), ``trainer`` (the Trainer integration), ``targets`` (the module tree) and
 ``adapters`` (the wrapper layers and hooks).
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from evil_moe.models.deploy import deploy, save_deployed
 from evil_moe.models.handle import (
     QuarantineConfig,
     QuarantineHandle,
@@ -51,11 +52,13 @@ __all__ = [
     "RouteLabelCollator",
     "RoutedTrainerMixin",
     "check_compatible",
+    "deploy",
     "get_handle",
     "inject",
     "load_quarantine",
     "resolve_targets",
     "route_labels",
+    "save_deployed",
 ]
 
 
