@@ -83,12 +83,14 @@ def _check_out_dir(out: Path, cfg: RunConfig) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from evil_moe.eval.tables import loss_table
     from evil_moe.recipes.experiment import RunMetrics, train_and_evaluate
+    from evil_moe.train.devices import resolve_device
     from evil_moe.train.distributed import launched_by_torchrun, torchrun
     from evil_moe.train.setup import prepare_run
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
     _check_out_dir(out, cfg)
+    resolve_device(cfg.train.device)  # cuda on a machine without a GPU: exit 2 here
     if args.nproc is not None:
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
@@ -159,6 +161,11 @@ def cmd_study(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("ray") is None:
             raise ConfigError("--executor ray needs Ray: pip install 'evil-moe[distributed]'")
     ray_options = RayOptions(args.address, args.cpus_per_run, args.gpus_per_run)
+    if args.executor == "local" and not args.report_only:  # Ray workers may have GPUs
+        from evil_moe.train.devices import resolve_device
+
+        for device in {r.config.train.device for r in unique_runs(expand(spec))}:
+            resolve_device(device)  # cuda on a machine without a GPU: exit 2 here
     out = Path(args.out)
     store = ResultStore.open(
         out, spec.study_id, source, spec.to_dict(), create=not args.report_only

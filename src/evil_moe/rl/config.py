@@ -113,6 +113,9 @@ class RLConfig:
     seed: int = 0
     #: torch CPU threads (0 = torch's default)
     threads: int = 1
+    #: ``auto`` (a GPU when one is visible), ``cpu`` or ``cuda`` (GRPO in bf16 on GPUs);
+    #: left out of ``config.json`` while ``auto``
+    device: str = "auto"
     #: directory of warm starts shared between runs (empty = inside the run directory)
     warmstart_cache: str = ""
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -124,7 +127,10 @@ class RLConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["device"] == "auto":  # an execution setting: configs written before it stay
+            del out["device"]
+        return out
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -141,6 +147,7 @@ def validate(cfg: RLConfig) -> None:
     t, q, m, g, e = cfg.task, cfg.quarantine, cfg.monitor, cfg.grpo, cfg.eval
     _check(cfg.seed >= 0, "seed", "must be >= 0")
     _check(cfg.threads >= 0, "threads", "must be >= 0")
+    _check(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
     bad_ops = [o for o in t.ops if o not in OPS]
     _check(bool(t.ops) and not bad_ops, "task.ops", f"must be names from {list(OPS)}")
     _check(len(set(t.ops)) == len(t.ops), "task.ops", "must not repeat")

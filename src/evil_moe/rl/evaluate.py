@@ -62,6 +62,7 @@ def sample_completions(
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             ids = torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk])
+            ids = ids.to(next(model.parameters()).device)
             gen = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
@@ -173,6 +174,8 @@ def gradient_norms_by_group(
             batch = encode_batch(
                 tokenizer, [tasks[i].prompt for i in idx], [completions[i] for i in idx]
             )
+            device = next(model.parameters()).device
+            batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits

@@ -54,6 +54,7 @@ from evil_moe.rl.trainer import (
     routed_optimizer_step,
 )
 from evil_moe.rl.warmstart import warm_start
+from evil_moe.train.devices import autocast_dtype, resolve_device
 from evil_moe.train.io import load_checkpoint, save_checkpoint
 
 WARM_FILE = "warmstart.safetensors"
@@ -140,7 +141,7 @@ def build_warm_policy(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tok = make_tokenizer()
-    model = make_policy(cfg.policy, tok, seed=cfg.seed)
+    model = make_policy(cfg.policy, tok, seed=cfg.seed).to(resolve_device(cfg.device))
     routed = _routed_warm_start(cfg)
     if cfg.warmstart_cache:
         where: Path | None = Path(cfg.warmstart_cache) / warmstart_key(cfg)
@@ -213,10 +214,11 @@ def make_trainer(
     g = cfg.grpo
     # transformers 5 renames gradient checkpointing; the note is noise for this recipe
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*", category=FutureWarning)
+    device = next(model.parameters()).device
     args = GRPOConfig(
         output_dir=tmp,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=device.type == "cpu",
+        bf16=autocast_dtype(device) is not None,
         gradient_checkpointing=False,
         learning_rate=g.lr,
         weight_decay=g.weight_decay,
@@ -392,7 +394,7 @@ def relearning_of_run(run_dir: str | Path) -> dict[str, Any]:
     cfg = rl_config_from_dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = make_policy(cfg.policy, make_tokenizer(), seed=cfg.seed)
+    model = make_policy(cfg.policy, make_tokenizer(), seed=cfg.seed).to(resolve_device(cfg.device))
     inject_quarantine(model, cfg)
     model.load_state_dict(read_tensors(run_dir / "model.safetensors"))
     with tempfile.TemporaryDirectory() as tmp:

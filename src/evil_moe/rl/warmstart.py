@@ -111,7 +111,9 @@ def completion_loss(
     model: nn.Module, batch: dict[str, Tensor], route: Tensor | None = None
 ) -> Tensor:
     """Mean next-token cross-entropy over the completion tokens of ``batch``."""
-    kwargs = {} if route is None else {"route_labels": route}
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    kwargs = {} if route is None else {"route_labels": route.to(device)}
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
     ).logits

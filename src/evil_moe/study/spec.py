@@ -55,7 +55,7 @@ from evil_moe.train.variants import VARIANTS
 REFERENCE_METHODS = {"filter": "filter", "none": "none", "gradient_routing": "gradient_routing"}
 #: corpora a study can use (the embedded ones: a study must be reproducible anywhere)
 STUDY_CORPORA = ("bilingual", "hacks")
-PRESETS = ("quick", "settle", "full")
+PRESETS = ("quick", "settle", "full", "gpu")
 CURVES = ("seed", "pooled")
 #: minimum effects used when a preset names none (metric units; see analysis.METRICS)
 DEFAULT_DELTA = {
@@ -353,8 +353,37 @@ def validate_spec(spec: StudySpec) -> None:
     expand(spec)  # resolves every config: errors surface here, before any run
 
 
+def _select_scale(values: dict[str, Any], scale: str | None, source: str) -> dict[str, Any]:
+    """A preset with a ``[scales]`` table (``name = ["model.d_model=256", ...]``) is one
+    study per scale: ``PRESET:SCALE`` lays that scale's settings over ``[base]`` (each
+    scale needs its own baseline curve, so scales never share a study)."""
+    scales = values.pop("scales", None)
+    if scales is None:
+        if scale is not None:
+            raise StudyError(f"{source}: has no [scales]; drop ':{scale}'")
+        return values
+    if not isinstance(scales, dict) or not all(isinstance(v, list) for v in scales.values()):
+        raise StudyError(f'{source}: [scales] must map names to lists of "key=value"')
+    if scale not in scales:
+        names = ", ".join(f"{source.removeprefix('preset ')}:{n}" for n in scales)
+        raise StudyError(f"{source} is a scale sweep: choose one scale ({names})")
+    try:
+        extra = _overrides_to_values([str(v) for v in scales[scale]])
+    except ConfigError as err:
+        raise StudyError(f"{source}: scales.{scale}: {err}") from None
+    values["base"] = deep_update(values.get("base", {}), extra)
+    study = values.setdefault("study", {})
+    if isinstance(study, dict):
+        study["name"] = f"{study.get('name', 'study')}-{scale}"
+    return values
+
+
 def load_spec(preset: str) -> tuple[StudySpec, str]:
-    """A preset by name (``quick``, ``full``) or TOML file path; returns (spec, source)."""
+    """A preset by name (``quick``, ``full``, ``gpu:64m``) or TOML file path (a preset with
+    ``[scales]`` takes ``:SCALE``); returns (spec, source)."""
+    scale = None
+    if ":" in preset and not Path(preset).is_file():
+        preset, scale = preset.rsplit(":", 1)
     path = Path(preset)
     if preset in PRESETS and not path.is_file():
         text = resources.files("evil_moe.study").joinpath(f"presets/{preset}.toml").read_text()
@@ -371,6 +400,9 @@ def load_spec(preset: str) -> tuple[StudySpec, str]:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise StudyError(f"{source}: not valid TOML: {err}") from None
+    values = _select_scale(values, scale, source)
+    if scale is not None:
+        source = f"{source}:{scale}"
     try:
         return parse_spec(values), source
     except StudyError as err:

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import torch
 
-from evil_moe.train.config import DEVICES
+from evil_moe.train.config import DEVICES, ConfigError
 
 __all__ = ["autocast_dtype", "resolve_device"]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """The ``torch.device`` of a ``train.device`` setting (``cuda``: this rank's GPU)."""
+    """The ``torch.device`` of a ``train.device`` setting (``cuda``: this rank's GPU);
+    :class:`~evil_moe.train.config.ConfigError` for ``cuda`` without a GPU."""
     if name not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
+        raise ConfigError(f"train.device: must be one of {DEVICES}, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("train.device=cuda, but torch sees no GPU")
+            raise ConfigError("train.device: cuda, but torch sees no GPU (use auto or cpu)")
         index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
