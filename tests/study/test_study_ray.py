@@ -88,15 +88,30 @@ def test_cli_on_an_existing_ray_cluster_by_address(ray_instance, tmp_path, prese
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     args = ["study", "--preset", str(preset), "--out", str(out), "--quiet", "--executor", "ray"]
     cmd = [sys.executable, "-m", "evil_moe.cli.main", *args, "--address", address]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*cmd, "--report-to", "tensorboard"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"on {address}" in result.stderr
     spec, _ = load_spec(str(preset))
-    assert len(_stored(out)) == len(unique_runs(expand(spec)))
+    runs = unique_runs(expand(spec))
+    assert len(_stored(out)) == len(runs)
     assert (out / "report.md").exists()
+    for run in runs:  # every run logged, in a directory of its own
+        assert list((out / "tracking" / run.key[:16] / "tensorboard").glob("events.*"))
     # resuming runs nothing: every run is stored
     assert main([*args, "--address", address]) == 0
     assert len(_stored(out)) == len(unique_runs(expand(spec)))
+
+
+def test_gpu_runs_on_a_cluster_without_gpus_stop_at_once(ray_instance, tmp_path, capsys):
+    """The README's GPU sweep command, on this CPU-only instance: refused, not left waiting."""
+    address, _ = ray_instance
+    out = tmp_path / "gpu"
+    args = ["study", "--executor", "ray", "--address", address, "--gpus-per-run", "0.25"]
+    assert main([*args, "--preset", "gpu:64m", "--out", str(out), "--quiet"]) == 2
+    assert "--gpus-per-run 0.25: the Ray cluster has 0 GPU(s)" in capsys.readouterr().err
+    assert not _stored(out)
 
 
 def test_kill_9_of_the_ray_driver_then_resume(tmp_path, preset_factory, cli_process):

@@ -4,9 +4,12 @@ leave a run's config and study key as they were."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from evil_moe.recipes import train_and_evaluate
+from evil_moe.cli.main import main
+from evil_moe.io import read_jsonl
 from evil_moe.study.spec import config_hash
 from evil_moe.train.config import ConfigError, load_config
 
@@ -38,17 +41,19 @@ def test_tensorboard_and_offline_wandb_get_curves_and_final_metrics(
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     overrides = [*tiny_overrides, 'train.report_to=["tensorboard", "wandb"]']
-    result = train_and_evaluate(load_config(None, overrides), out, progress=False)
+    assert main(["train", "--quiet", "--out", str(out), *overrides]) == 0  # the README's
+    log = read_jsonl(out / "train_log.jsonl")
+    metrics = json.loads((out / "metrics.json").read_text())
 
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
-    assert losses == [(r["step"], pytest.approx(r["loss"])) for r in result.log]
+    assert losses == [(r["step"], pytest.approx(r["loss"])) for r in log]
     assert {"train/lr", "train/grad_norm/shared", "train/grad_norm/quarantine"} <= set(
         events.Tags()["scalars"]
     )
     (final,) = events.Scalars("final/loss/forget_undiscovered/ablated")
-    assert final.value == pytest.approx(result.metrics.loss["forget_undiscovered"]["ablated"])
+    assert final.value == pytest.approx(metrics["loss"]["forget_undiscovered"]["ablated"])
 
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     records = run_file.read_bytes()  # W&B's own record file, synced later by `wandb sync`

@@ -29,6 +29,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from evil_moe.study.spec import RunSpec
+from evil_moe.train.config import ConfigError
 
 __all__ = ["RayOptions", "execute_on_ray", "run_task"]
 
@@ -87,6 +88,12 @@ def execute_on_ray(
     from ray.exceptions import RayTaskError
 
     started = _connect(options)
+    try:
+        _check_resources(options, ray.cluster_resources())
+    except ConfigError:
+        if started:
+            ray.shutdown()
+        raise
     remote = ray.remote(run_task).options(
         num_cpus=options.cpus_per_run,
         num_gpus=options.gpus_per_run,
@@ -133,6 +140,16 @@ def execute_on_ray(
         outcome.wall_s = time.perf_counter() - began
         if started:
             ray.shutdown()
+
+
+def _check_resources(options: RayOptions, available: dict[str, float]) -> None:
+    """A run that no node of the cluster can hold would wait forever: refuse it now."""
+    for name, need in (("CPU", options.cpus_per_run), ("GPU", options.gpus_per_run)):
+        if need > available.get(name, 0.0):
+            raise ConfigError(
+                f"--{name.lower()}s-per-run {need:g}: the Ray cluster has "
+                f"{available.get(name, 0.0):g} {name}(s); start nodes that have them first"
+            )
 
 
 def _last_line(text: str) -> str:
