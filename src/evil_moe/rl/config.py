@@ -9,7 +9,6 @@ Parsing is :mod:`evil_moe.train.config`'s (typed, never executed); any problem r
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,12 @@ from evil_moe.rl.policy import PolicyConfig
 from evil_moe.rl.task import HARNESSES, MODES, OPS
 from evil_moe.rl.trainer import BASELINES, METHODS
 from evil_moe.rl.warmstart import WarmStartConfig
-from evil_moe.train.config import ConfigError, _build, _merge, parse_override
+from evil_moe.train.config import (
+    ConfigError,
+    apply_overrides,
+    build_dataclass,
+    read_config_file,
+)
 
 KINDS = ("lora", "mlp")
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
@@ -212,23 +216,11 @@ def validate(cfg: RLConfig) -> None:
 
 def rl_config_from_dict(values: dict[str, Any]) -> RLConfig:
     """Validated :class:`RLConfig` from plain nested values (as in ``config.json``)."""
-    cfg = _build(RLConfig, values, "")
+    cfg = build_dataclass(RLConfig, values)
     validate(cfg)
     return cfg
 
 
 def load_rl_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RLConfig:
     """Read a TOML config (optional), apply ``key=value`` overrides, validate."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            values = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        _merge(values, keys, value)
-    return rl_config_from_dict(values)
+    return rl_config_from_dict(apply_overrides(read_config_file(path), overrides))

@@ -101,6 +101,8 @@ class Analysis:
     notes: list[str]
     n_runs: int = 0
     claims: list[dict[str, Any]] = field(default_factory=list)
+    #: contrasts reported without a verdict (the amplifier, the reference methods)
+    effects: list[dict[str, Any]] = field(default_factory=list)
     #: MISSION.md's table rows (mechanism, the note's verdict, the review's comment)
     table: list[dict[str, Any]] = field(default_factory=list)
     gates: list[dict[str, Any]] = field(default_factory=list)
@@ -299,8 +301,25 @@ def summarise(rows: list[RunRow], conf: float) -> list[dict[str, Any]]:
         }
         for metric in METRICS:
             entry[metric] = t_interval([r.values[metric] for r in members], conf).to_dict()
+        entry["modes"] = _mode_losses(members, conf)
         out.append(entry)
     return out
+
+
+def _mode_losses(members: list[RunRow], conf: float) -> dict[str, dict[str, Any]]:
+    """Per forget mode: loss on its distinctive tokens as trained and ablated, and the
+    increase that ablation causes (intervals over the group's runs)."""
+    per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in members:
+        spec = r.record["result"]["metrics"].get("specialization") or {}
+        for mode, d in (spec.get("distinctive") or {}).items():
+            per[mode]["trained"].append(d["trained"])
+            per[mode]["ablated"].append(d["ablated"])
+            per[mode]["increase"].append(d["ablated"] - d["trained"])
+    return {
+        mode: {k: t_interval(v, conf).to_dict() for k, v in values.items()}
+        for mode, values in per.items()
+    }
 
 
 def analyse(spec: StudySpec, records: list[dict[str, Any]]) -> Analysis:

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from evil_moe.study.analysis import Analysis, RunRow
 
 ABSORPTION_METRICS = ("log_leakage", "leakage", "forget_loss")
+#: contrasts reported without a verdict (references and the amplifier), per block
+EFFECTS = [("amplify", "single"), ("filter", "single"), ("none", "single")]
+EFFECT_METRICS = ("log_leakage", "forget_loss", "retain_cost", "relearn_steps")
 
 
 @dataclass(frozen=True)
@@ -182,9 +185,30 @@ def evaluate(a: Analysis) -> None:
             rule = f"retain-cost guard: retain cost up {cost.mean:.3f} > {v.retain_guard} nats"
         entry.update(verdict=verdict, rule=rule, test=test.to_dict())
     a.claims = entries
+    a.effects = effects(a)
     a.table = table
     a.gates = gates(a)
     a.verdicts_issued = all(g["passed"] for g in a.gates)
+
+
+def effects(a: Analysis) -> list[dict[str, Any]]:
+    """Paired differences of the reported contrasts (no verdict), per block."""
+    conf = a.spec.verdict.confidence
+    out = []
+    for variant, reference in EFFECTS:
+        for block in a.spec.grid:
+            rows = [r for r in a.rows if r.run.block == block.name]
+            entry: dict[str, Any] = {
+                "variant": variant,
+                "reference": reference,
+                "block": block.name,
+            }
+            for metric in EFFECT_METRICS:
+                diffs, _ = paired(rows, variant, reference, metric)
+                entry[metric] = t_interval(diffs, conf).to_dict()
+            if any(entry[m]["n"] for m in EFFECT_METRICS):
+                out.append(entry)
+    return out
 
 
 def _unstable(rows: list[RunRow], name: str) -> bool:

@@ -99,6 +99,7 @@ def context(a: Analysis, source: str, command: str = "") -> dict[str, Any]:
         "verdicts_issued": a.verdicts_issued,
         "rows": rows,
         "claims": a.claims,
+        "effects": a.effects,
         "summary": a.summary,
         "baseline": a.baseline,
         "curves": {k: c.to_dict() for k, c in a.curves.items()},

@@ -190,7 +190,9 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """An instance of the (nested) config dataclass ``cls`` from plain values; every key and
+    type is checked (``ConfigError`` names the key)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -202,7 +204,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a table of settings, got {value!r}")
-            kwargs[key] = _build(tp, value, f"{full}.")
+            kwargs[key] = build_dataclass(tp, value, f"{full}.")
         else:
             kwargs[key] = coerce_value(value, tp, full)
     try:
@@ -239,22 +241,35 @@ def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
     """Validated :class:`RunConfig` from plain nested values (as in ``config.json``)."""
-    cfg = _build(RunConfig, values, "")
+    cfg = build_dataclass(RunConfig, values)
     validate(cfg)
     return cfg
 
 
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The values of a TOML config file (``{}`` for ``None``); parsed, never executed."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``values`` with every ``key=value`` override merged in (in place; returned)."""
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _merge(values, keys, value)
+    return values
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a TOML config (optional), apply ``key=value`` overrides, validate."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            values = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
+    values = read_config_file(path)
     parsed = [parse_override(text) for text in overrides or []]
     variant = values.get("variant", "")
     for keys, value in parsed:
@@ -265,10 +280,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
         if variant not in VARIANTS:
             raise ConfigError(f"variant: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-        base: dict[str, Any] = {}
-        for keys, value in (parse_override(t) for t in VARIANTS[variant]):
-            _merge(base, keys, value)
-        values = deep_update(base, values)
+        values = deep_update(apply_overrides({}, VARIANTS[variant]), values)
     for keys, value in parsed:
         _merge(values, keys, value)
     return config_from_dict(values)
