@@ -215,6 +215,19 @@ def test_claims_pair_by_seed_and_decide_against_their_own_reference():
     assert len(diffs) == 6 and censored == 0
 
 
+def test_a_planned_variant_without_finished_runs_is_not_finished_not_absent():
+    rows = _valid_controls()
+    rows += [_row("single", s, {"log_leakage": -2.0 + 0.1 * s}) for s in range(6)]
+    a = _analysis(rows)
+    a.planned = {"single", "shared_masked", "single_wide"}
+    evaluate(a)
+    by_id = {c["id"]: c for c in a.claims}
+    assert by_id["1a"]["verdict"] == "not finished"
+    assert "resume" in by_id["1a"]["reason"]
+    # fine8 is not planned: absent from the study, not pending
+    assert by_id["2b"]["verdict"] == "not in this study"
+
+
 def test_pairs_need_the_same_block_seed_and_sweep():
     rows = [_row("single", 0, {"leakage": 0.1}), _row("fine4", 0, {"leakage": 0.2}, block="other")]
     assert paired(rows, "fine4", "single", "leakage") == ([], 0)

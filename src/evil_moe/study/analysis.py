@@ -100,6 +100,8 @@ class Analysis:
     summary: list[dict[str, Any]]
     notes: list[str]
     n_runs: int = 0
+    #: grid variants the spec plans (a claim whose runs are all missing is "not finished")
+    planned: set[str] = field(default_factory=set)
     claims: list[dict[str, Any]] = field(default_factory=list)
     #: contrasts reported without a verdict (the amplifier, the reference methods)
     effects: list[dict[str, Any]] = field(default_factory=list)
@@ -351,6 +353,7 @@ def analyse(spec: StudySpec, records: list[dict[str, Any]]) -> Analysis:
         summary=summarise(rows, spec.verdict.confidence),
         notes=notes,
         n_runs=len({r["key"] for _, r in found}),
+        planned={run.name for run in expand(spec) if run.kind == "grid"},
     )
     evaluate(analysis)
     return analysis

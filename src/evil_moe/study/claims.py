@@ -121,6 +121,15 @@ def evaluate(a: Analysis) -> None:
             "block": None,
         }
         missing = [n for n in (c.variant, c.reference) if n not in names]
+        if missing and set(missing) <= a.planned:
+            entries.append(
+                base
+                | {
+                    "verdict": "not finished",
+                    "reason": f"runs of {', '.join(missing)} not finished yet (resume the study)",
+                }
+            )
+            continue
         if missing:
             entries.append(
                 base
