@@ -33,6 +33,7 @@ import torch
 from evil_moe.models.testbed import Testbed, TestbedConfig, lm_loss
 from evil_moe.routing import routers as routers_module
 from evil_moe.routing.routers import BackwardRouter, RouterConfig
+from evil_moe.train.memory import keep_heap
 
 POLICIES = ("all", "topk", "expert_choice", "balanced")
 TARGETS = {"topk": 1.05, "expert_choice": 1.05, "balanced": 1.15}
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--breakdown-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
+    keep_heap()  # as in a study worker: freed step buffers stay in the heap
     if args.threads:
         torch.set_num_threads(args.threads)
     models = build_models(args.experts, args.quarantine_width)
