@@ -182,6 +182,44 @@ def test_sinkhorn_stops_at_tolerance():
     assert capped == 3
 
 
+def _sinkhorn_reference(scores, temperature, iters, tol):
+    """The first implementation (row logsumexp computed twice per iteration)."""
+    n, k = scores.shape
+    log_p = scores.double() / temperature
+    log_r, log_c = -math.log(n), -math.log(k)
+    used = 0
+    for used in range(1, iters + 1):  # noqa: B007
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True) + log_r
+        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + log_c
+        row_err = (torch.logsumexp(log_p, dim=1) - log_r).exp().sub(1).abs().max()
+        if float(row_err) < tol:
+            break
+    return log_p.exp().to(scores.dtype), used
+
+
+@pytest.mark.parametrize("sharpness", [0.1, 1.0, 5.0])
+@pytest.mark.parametrize("tol", [1e-3, 1e-8])
+def test_sinkhorn_reuses_row_sums_bit_for_bit(sharpness, tol):
+    """One row logsumexp per iteration instead of two: the same plan, the same bits."""
+    gen = torch.Generator().manual_seed(3)
+    scores = sharpness * torch.randn(200, 8, generator=gen)
+    scores[:, 0] += 2 * sharpness  # sharp: most tokens prefer expert 0
+    plan, used = sinkhorn(scores, 0.1, 100, tol)
+    ref, ref_used = _sinkhorn_reference(scores, 0.1, 100, tol)
+    assert used == ref_used
+    assert torch.equal(plan, ref)
+
+
+def test_sinkhorn_float32_is_bounded_and_balanced():
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.randn(256, 4, generator=gen)
+    plan, used = sinkhorn(scores, 0.1, iters=100, tol=1e-3, dtype=torch.float32)
+    ref, _ = sinkhorn(scores, 0.1, iters=100, tol=1e-3)
+    assert plan.dtype == scores.dtype and 1 <= used <= 100
+    assert ((plan.sum(dim=0) * 4 - 1).abs() < 1e-4).all()
+    assert (plan - ref).abs().max() < 1e-5
+
+
 @SETTINGS
 @given(n=st.integers(1, 20), k=st.integers(1, 6), seed=st.integers(0, 10**6))
 def test_balanced_takes_the_argmax_of_the_biased_plan(n, k, seed):
