@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from evil_moe.models import testbed as tb
-from evil_moe.modules.experts import MLP, FusedExperts, QuarantineBank
+from evil_moe.modules.experts import ACTIVATIONS, MLP, FusedExperts, QuarantineBank
 from evil_moe.routing.labels import RouteLabel, make_plan
 from evil_moe.routing.routers import POLICIES, BackwardRouter, RouterConfig, sinkhorn
 
@@ -541,6 +541,32 @@ def test_fused_experts_gradients_follow_the_router_exactly(
     plain_gate = None if gate is None else gate.detach()
     (plain(x_plain, plan, None, gate=plain_gate) * grad_out).sum().backward()
     assert_close(x.grad, x_plain.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "identity", "relu"])
+@pytest.mark.parametrize("use_gate", [False, True])
+def test_routed_expert_backward_is_autograd_bit_for_bit(activation, use_gate):
+    """The routed backward calls the activations' own backward kernels directly; the
+    gradients are the bits of the generic path (a second autograd graph)."""
+    results = []
+    for generic in (False, True):
+        experts = _experts(3)
+        experts.act = ACTIVATIONS[activation]
+        if generic:  # an activation the backward does not know: the autograd path
+            experts.act = lambda t, f=ACTIVATIONS[activation]: f(t)
+        router = BackwardRouter(K, policy="topk")
+        x, grad_out, plan = _inputs(3)
+        x.requires_grad_(True)
+        gate = None
+        if use_gate:
+            gen = torch.Generator().manual_seed(5)
+            gate = (0.5 + torch.rand(len(LABELS), K, generator=gen, dtype=F64)).requires_grad_()
+        y = experts(x, plan, router, gate=gate)
+        (y * grad_out).sum().backward()
+        grads = [p.grad for p in experts.parameters()] + [x.grad]
+        results.append(grads + ([gate.grad] if gate is not None else []))
+    for fast, slow in zip(*results, strict=True):
+        assert torch.equal(fast, slow)
 
 
 @pytest.mark.parametrize(("policy", "top_k", "capacity_factor"), ROUTER_CASES)

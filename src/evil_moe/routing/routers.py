@@ -229,19 +229,26 @@ class BackwardRouter(nn.Module):
         idx = routed.nonzero().squeeze(1)
         if idx.numel() == 0:
             return None, amplified
+        routed_scores = scores[idx]
         routed_mode = None if mode is None else mode[idx]
-        chosen = self.assign(scores[idx], routed_mode)
-        self._record(chosen, scores[idx], grad[idx], routed_mode)
+        chosen = self.assign(routed_scores, routed_mode)
+        # the routed rows of the gradient (a copy of [n, d]) only for prototype alignment
+        routed_grad = grad[idx] if self.alignment == "prototype" else None
+        self._record(chosen, routed_scores, routed_grad, routed_mode)
         keep = torch.ones_like(contrib)
         if self.correct_harmful and self.policy != "all":
-            harmful = (scores[idx] < 0).to(chosen.dtype)
+            harmful = (routed_scores < 0).to(chosen.dtype)
             self.corrected_pairs += (harmful * (1 - chosen)).sum()
             keep[idx] = torch.maximum(chosen, harmful)
         else:
             keep[idx] = chosen
         return keep, amplified
 
-    def _record(self, chosen: Tensor, scores: Tensor, grad: Tensor, mode: Tensor | None) -> None:
+    def _record(
+        self, chosen: Tensor, scores: Tensor, grad: Tensor | None, mode: Tensor | None
+    ) -> None:
+        """Update the load statistics (and, for prototype alignment, the prototypes from
+        the routed rows ``grad``)."""
         load = chosen.sum(dim=0).to(self.load.dtype)
         self.load += load
         self.routed_tokens += chosen.shape[0]
@@ -253,7 +260,7 @@ class BackwardRouter(nn.Module):
             self.mode_load.index_add_(0, mode[valid], chosen[valid].to(self.mode_load.dtype))
         if self.bias_rate > 0 and self.policy != "all":
             self.bias += self.bias_rate * torch.sign(load.mean() - load)
-        if self.alignment == "prototype":
+        if self.alignment == "prototype" and grad is not None:
             direction = -grad / (grad.norm(dim=1, keepdim=True) + 1e-12)
             counts = chosen.sum(dim=0, keepdim=True).t()
             mean = (chosen.t() @ direction) / counts.clamp_min(1)
