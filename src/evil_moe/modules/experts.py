@@ -134,14 +134,14 @@ class _RoutedExperts(torch.autograd.Function):
         if on is not None:
             g = g * on.to(g.dtype)
         act = meta["act"]
-        if act in _ACT_BACKWARD:  # the kernel autograd would call, without a second graph
-            h_ = pre_ = None
-            h = act(pre)
-        else:
+        act_backward = _ACT_BACKWARD.get(act)  # the kernel autograd would run, called directly
+        if act_backward is None:
             with torch.enable_grad():
                 pre_ = pre.detach().requires_grad_(True)
                 h_ = act(pre_)
             h = h_.detach()
+        else:
+            h = act(pre)
         hg = _gated(h, gate)
         dhg = g @ down
         n, width = h.shape
@@ -154,10 +154,10 @@ class _RoutedExperts(torch.autograd.Function):
         grad_gate = None
         if gate is not None:
             grad_gate = (dhg * h).view(n, k, -1).sum(dim=2).to(gate.dtype)
-        if act in _ACT_BACKWARD:
-            dpre = _ACT_BACKWARD[act](_gated(dhg, gate), pre)
-        else:
+        if act_backward is None:
             (dpre,) = torch.autograd.grad(h_, pre_, _gated(dhg, gate))
+        else:
+            dpre = act_backward(_gated(dhg, gate), pre)
         grad_x = (dpre @ up).to(ctx.dtypes[0])
         if keep is not None:
             mask = keep.to(h.dtype)[:, :, None]

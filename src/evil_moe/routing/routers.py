@@ -75,8 +75,8 @@ def sinkhorn(
     """Transport plan ``[n, K]`` with rows summing to ``1/n`` and columns to ``1/K``.
 
     Computed in log space for stability, in ``dtype`` (float64 by default; float32 may
-    flip the argmax of near-tied rows, and on a CPU it is no faster). Each iteration normalises
-    rows then columns and stops when the largest row-marginal error (relative to
+    flip the argmax of near-tied rows, and on a CPU it is slower, see
+    ``bench/routers.py``). Each iteration normalises rows then columns and stops when the largest row-marginal error (relative to
     ``1/n``) is below ``tol``, after at most ``iters`` iterations: the worst case is
     ``iters`` x (two ``logsumexp`` over ``[n, K]``), reached on sharp scores
     (``bench/routers.py`` measures it). Returns the plan and the iterations used.
