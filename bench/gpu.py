@@ -45,10 +45,9 @@ BF16_PEAK_TFLOPS = {
     "B200": 2250.0,
     "GH200": 989.0,
     "H200": 989.0,
-    "H100 SXM": 989.0,
     "H100 NVL": 835.0,
     "H100 PCIe": 756.0,
-    "H100": 756.0,
+    "H100": 989.0,  # SXM ("NVIDIA H100 80GB HBM3")
     "A100": 312.0,
     "L40S": 362.0,
     "L40": 181.0,
@@ -82,7 +81,7 @@ class Result:
 def datasheet_peak(device: torch.device) -> tuple[str, float | None]:
     """The device's name and its dense bf16 peak in FLOP/s (``None``: not in the table)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    for key, tflops in BF16_PEAK_TFLOPS.items():  # longest keys first where it matters
+    for key, tflops in BF16_PEAK_TFLOPS.items():  # a longer name before its prefix
         if key in name:
             return name, tflops * 1e12
     return name, None
