@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evil_moe.models.hf import inject
+from evil_moe.train.memory import keep_heap
 
 
 class PlainLoRA(nn.Module):
@@ -66,6 +67,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    keep_heap()  # as in a study worker: freed step buffers stay in the heap
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = LlamaConfig(

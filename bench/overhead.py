@@ -24,6 +24,7 @@ from evil_moe.models.testbed import Testbed, TestbedConfig, lm_loss
 from evil_moe.modules.ablation import parameter_groups
 from evil_moe.routing.optim import StepLedger, routed_step
 from evil_moe.routing.routers import RouterConfig
+from evil_moe.train.memory import keep_heap
 
 
 def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--routed-semantics", default="sgtm")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
+    keep_heap()  # as in a study worker: freed step buffers stay in the heap
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -9,7 +9,9 @@ every round) so that machine noise hits all policies alike; we report medians.
 
 After the timed rounds, a few untimed steps per policy measure the time spent inside
 ``BackwardRouter.decide`` (and, for ``balanced``, the Sinkhorn iterations used), so the
-report says where a router's overhead goes.
+report says where a router's overhead goes. Last, the worst case of one Sinkhorn call
+(sharp scores, the iteration cap reached) for a quarter and for all of the batch's tokens,
+in float64 (what the router uses) and float32.
 
     python bench/routers.py [--steps 20] [--warmup 3] [--experts 8] [--threads 0]
 
@@ -33,6 +35,7 @@ import torch
 from evil_moe.models.testbed import Testbed, TestbedConfig, lm_loss
 from evil_moe.routing import routers as routers_module
 from evil_moe.routing.routers import BackwardRouter, RouterConfig
+from evil_moe.train.memory import keep_heap
 
 POLICIES = ("all", "topk", "expert_choice", "balanced")
 TARGETS = {"topk": 1.05, "expert_choice": 1.05, "balanced": 1.15}
@@ -125,6 +128,29 @@ def decide_breakdown(model: Testbed, step, batch, steps: int) -> dict[str, float
     }
 
 
+def sinkhorn_worst_case(
+    rows: int, experts: int, dtype: torch.dtype, repeats: int = 5
+) -> tuple[float, int]:
+    """Milliseconds (median) and iterations of one Sinkhorn call on sharp scores.
+
+    Scores of a batch where nearly every token prefers the same expert, at the router's
+    default temperature and tolerance: the iterations never reach the tolerance, so this
+    is the capped worst case (``sinkhorn_iters`` iterations).
+    """
+    gen = torch.Generator().manual_seed(0)
+    scores = 5 * torch.randn(rows, experts, generator=gen)
+    scores[:, 0] += 10
+    cfg = RouterConfig(policy="balanced")
+    times, used = [], 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _, used = routers_module.sinkhorn(
+            scores, cfg.temperature, cfg.sinkhorn_iters, cfg.sinkhorn_tol, dtype=dtype
+        )
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times), used
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -135,6 +161,7 @@ def main() -> None:
     parser.add_argument("--breakdown-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
+    keep_heap()  # as in a study worker: freed step buffers stay in the heap
     if args.threads:
         torch.set_num_threads(args.threads)
     models = build_models(args.experts, args.quarantine_width)
@@ -162,6 +189,11 @@ def main() -> None:
         info = decide_breakdown(models[name], steps[name], batch, args.breakdown_steps)
         details = " ".join(f"{k}={v:.2f}" for k, v in info.items())
         print(f"{name}_breakdown: {details}")
+    for rows in (B * T // 4, B * T):  # a quarter of the batch routed (as here), all of it
+        for dtype in (torch.float64, torch.float32):
+            ms, used = sinkhorn_worst_case(rows, args.experts, dtype)
+            name = str(dtype).removeprefix("torch.")
+            print(f"sinkhorn_worst_ms[{rows}x{args.experts},{name}]={ms:.2f} (iters={used})")
     ratios = {name: median[name] / median["all"] for name in POLICIES[1:]}
     for name, ratio in ratios.items():
         verdict = "ok" if ratio <= TARGETS[name] else f"ABOVE target {TARGETS[name]}"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from evil_moe.models import testbed as tb
-from evil_moe.modules.experts import MLP, FusedExperts, QuarantineBank
+from evil_moe.modules.experts import ACTIVATIONS, MLP, FusedExperts, QuarantineBank
 from evil_moe.routing.labels import RouteLabel, make_plan
 from evil_moe.routing.routers import POLICIES, BackwardRouter, RouterConfig, sinkhorn
 
@@ -180,6 +180,44 @@ def test_sinkhorn_stops_at_tolerance():
     assert 1 <= loose < tight < 1000
     _, capped = sinkhorn(scores, 0.1, iters=3, tol=1e-12)
     assert capped == 3
+
+
+def _sinkhorn_reference(scores, temperature, iters, tol):
+    """The first implementation (row logsumexp computed twice per iteration)."""
+    n, k = scores.shape
+    log_p = scores.double() / temperature
+    log_r, log_c = -math.log(n), -math.log(k)
+    used = 0
+    for used in range(1, iters + 1):  # noqa: B007
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True) + log_r
+        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + log_c
+        row_err = (torch.logsumexp(log_p, dim=1) - log_r).exp().sub(1).abs().max()
+        if float(row_err) < tol:
+            break
+    return log_p.exp().to(scores.dtype), used
+
+
+@pytest.mark.parametrize("sharpness", [0.1, 1.0, 5.0])
+@pytest.mark.parametrize("tol", [1e-3, 1e-8])
+def test_sinkhorn_reuses_row_sums_bit_for_bit(sharpness, tol):
+    """One row logsumexp per iteration instead of two: the same plan, the same bits."""
+    gen = torch.Generator().manual_seed(3)
+    scores = sharpness * torch.randn(200, 8, generator=gen)
+    scores[:, 0] += 2 * sharpness  # sharp: most tokens prefer expert 0
+    plan, used = sinkhorn(scores, 0.1, 100, tol)
+    ref, ref_used = _sinkhorn_reference(scores, 0.1, 100, tol)
+    assert used == ref_used
+    assert torch.equal(plan, ref)
+
+
+def test_sinkhorn_float32_is_bounded_and_balanced():
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.randn(256, 4, generator=gen)
+    plan, used = sinkhorn(scores, 0.1, iters=100, tol=1e-3, dtype=torch.float32)
+    ref, _ = sinkhorn(scores, 0.1, iters=100, tol=1e-3)
+    assert plan.dtype == scores.dtype and 1 <= used <= 100
+    assert ((plan.sum(dim=0) * 4 - 1).abs() < 1e-4).all()
+    assert (plan - ref).abs().max() < 1e-5
 
 
 @SETTINGS
@@ -503,6 +541,32 @@ def test_fused_experts_gradients_follow_the_router_exactly(
     plain_gate = None if gate is None else gate.detach()
     (plain(x_plain, plan, None, gate=plain_gate) * grad_out).sum().backward()
     assert_close(x.grad, x_plain.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "identity", "relu"])
+@pytest.mark.parametrize("use_gate", [False, True])
+def test_routed_expert_backward_is_autograd_bit_for_bit(activation, use_gate):
+    """The routed backward calls the activations' own backward kernels directly; the
+    gradients are the bits of the generic path (a second autograd graph)."""
+    results = []
+    for generic in (False, True):
+        experts = _experts(3)
+        experts.act = ACTIVATIONS[activation]
+        if generic:  # an activation the backward does not know: the autograd path
+            experts.act = lambda t, f=ACTIVATIONS[activation]: f(t)
+        router = BackwardRouter(K, policy="topk")
+        x, grad_out, plan = _inputs(3)
+        x.requires_grad_(True)
+        gate = None
+        if use_gate:
+            gen = torch.Generator().manual_seed(5)
+            gate = (0.5 + torch.rand(len(LABELS), K, generator=gen, dtype=F64)).requires_grad_()
+        y = experts(x, plan, router, gate=gate)
+        (y * grad_out).sum().backward()
+        grads = [p.grad for p in experts.parameters()] + [x.grad]
+        results.append(grads + ([gate.grad] if gate is not None else []))
+    for fast, slow in zip(*results, strict=True):
+        assert torch.equal(fast, slow)
 
 
 @pytest.mark.parametrize(("policy", "top_k", "capacity_factor"), ROUTER_CASES)

@@ -85,6 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from evil_moe.recipes.experiment import RunMetrics, train_and_evaluate
     from evil_moe.train.devices import resolve_device
     from evil_moe.train.distributed import launched_by_torchrun, torchrun
+    from evil_moe.train.memory import keep_heap
     from evil_moe.train.setup import prepare_run
 
     cfg = load_config(args.config, args.overrides)
@@ -106,6 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         print(f"{out} already holds this finished run; showing its results.", file=sys.stderr)
     else:
+        keep_heap()
         prepared = prepare_run(cfg)  # data errors surface here, before --out is touched
         counts = prepared.model.num_parameters()
         print(

@@ -133,10 +133,15 @@ class _RoutedExperts(torch.autograd.Function):
         g = grad.to(x.dtype)
         if on is not None:
             g = g * on.to(g.dtype)
-        with torch.enable_grad():
-            pre_ = pre.detach().requires_grad_(True)
-            h_ = meta["act"](pre_)
-        h = h_.detach()
+        act = meta["act"]
+        act_backward = _ACT_BACKWARD.get(act)  # the kernel autograd would run, called directly
+        if act_backward is None:
+            with torch.enable_grad():
+                pre_ = pre.detach().requires_grad_(True)
+                h_ = act(pre_)
+            h = h_.detach()
+        else:
+            h = act(pre)
         hg = _gated(h, gate)
         dhg = g @ down
         n, width = h.shape
@@ -149,7 +154,10 @@ class _RoutedExperts(torch.autograd.Function):
         grad_gate = None
         if gate is not None:
             grad_gate = (dhg * h).view(n, k, -1).sum(dim=2).to(gate.dtype)
-        (dpre,) = torch.autograd.grad(h_, pre_, _gated(dhg, gate))
+        if act_backward is None:
+            (dpre,) = torch.autograd.grad(h_, pre_, _gated(dhg, gate))
+        else:
+            dpre = act_backward(_gated(dhg, gate), pre)
         grad_x = (dpre @ up).to(ctx.dtypes[0])
         if keep is not None:
             mask = keep.to(h.dtype)[:, :, None]
@@ -160,6 +168,15 @@ class _RoutedExperts(torch.autograd.Function):
         grad_bias = dpre.sum(0).to(ctx.dtypes[1]) if up_bias is not None else None
         grad_res = grad if ctx.has_residual else None
         return grad_x, grad_up, grad_bias, grad_down, grad_res, None, grad_gate, None
+
+
+#: activation -> its backward ``(grad_out, pre) -> grad_pre``: the very kernels autograd
+#: runs for these functions (so the gradients are the same bits), called directly
+_ACT_BACKWARD: dict[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]] = {
+    identity: lambda grad, _pre: grad,
+    F.gelu: lambda grad, pre: torch.ops.aten.gelu_backward(grad, pre),
+    F.silu: lambda grad, pre: torch.ops.aten.silu_backward(grad, pre),
+}
 
 
 def _gated(h: Tensor, gate: Tensor | None) -> Tensor:

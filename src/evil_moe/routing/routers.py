@@ -66,21 +66,32 @@ ALIGNMENTS = ("output", "prototype")
 
 
 def sinkhorn(
-    scores: Tensor, temperature: float = 0.1, iters: int = 100, tol: float = 1e-4
+    scores: Tensor,
+    temperature: float = 0.1,
+    iters: int = 100,
+    tol: float = 1e-4,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[Tensor, int]:
     """Transport plan ``[n, K]`` with rows summing to ``1/n`` and columns to ``1/K``.
 
-    Computed in log space for stability; stops when the largest column-marginal error
-    (relative to ``1/K``) is below ``tol``. Returns the plan and the iterations used.
+    Computed in log space for stability, in ``dtype`` (float64 by default; float32 may
+    flip the argmax of near-tied rows, and on a CPU it is slower, see
+    ``bench/routers.py``). Each iteration normalises rows then columns and stops when the largest row-marginal error (relative to
+    ``1/n``) is below ``tol``, after at most ``iters`` iterations: the worst case is
+    ``iters`` x (two ``logsumexp`` over ``[n, K]``), reached on sharp scores
+    (``bench/routers.py`` measures it). Returns the plan and the iterations used.
     """
     n, k = scores.shape
-    log_p = scores.double() / temperature
+    log_p = scores.to(dtype) / temperature
     log_r, log_c = -math.log(n), -math.log(k)
     used = 0
+    row_lse = torch.logsumexp(log_p, dim=1, keepdim=True)
     for used in range(1, iters + 1):  # noqa: B007 - the count is returned
-        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True) + log_r
+        log_p = log_p - row_lse + log_r
         log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + log_c
-        row_err = (torch.logsumexp(log_p, dim=1) - log_r).exp().sub(1).abs().max()
+        # the row sums of the new plan: its error now, and the next row normalisation
+        row_lse = torch.logsumexp(log_p, dim=1, keepdim=True)
+        row_err = (row_lse - log_r).exp().sub(1).abs().max()
         if float(row_err) < tol:
             break
     return log_p.exp().to(scores.dtype), used
@@ -218,19 +229,26 @@ class BackwardRouter(nn.Module):
         idx = routed.nonzero().squeeze(1)
         if idx.numel() == 0:
             return None, amplified
+        routed_scores = scores[idx]
         routed_mode = None if mode is None else mode[idx]
-        chosen = self.assign(scores[idx], routed_mode)
-        self._record(chosen, scores[idx], grad[idx], routed_mode)
+        chosen = self.assign(routed_scores, routed_mode)
+        # the routed rows of the gradient (a copy of [n, d]) only for prototype alignment
+        routed_grad = grad[idx] if self.alignment == "prototype" else None
+        self._record(chosen, routed_scores, routed_grad, routed_mode)
         keep = torch.ones_like(contrib)
         if self.correct_harmful and self.policy != "all":
-            harmful = (scores[idx] < 0).to(chosen.dtype)
+            harmful = (routed_scores < 0).to(chosen.dtype)
             self.corrected_pairs += (harmful * (1 - chosen)).sum()
             keep[idx] = torch.maximum(chosen, harmful)
         else:
             keep[idx] = chosen
         return keep, amplified
 
-    def _record(self, chosen: Tensor, scores: Tensor, grad: Tensor, mode: Tensor | None) -> None:
+    def _record(
+        self, chosen: Tensor, scores: Tensor, grad: Tensor | None, mode: Tensor | None
+    ) -> None:
+        """Update the load statistics (and, for prototype alignment, the prototypes from
+        the routed rows ``grad``)."""
         load = chosen.sum(dim=0).to(self.load.dtype)
         self.load += load
         self.routed_tokens += chosen.shape[0]
@@ -242,7 +260,7 @@ class BackwardRouter(nn.Module):
             self.mode_load.index_add_(0, mode[valid], chosen[valid].to(self.mode_load.dtype))
         if self.bias_rate > 0 and self.policy != "all":
             self.bias += self.bias_rate * torch.sign(load.mean() - load)
-        if self.alignment == "prototype":
+        if self.alignment == "prototype" and grad is not None:
             direction = -grad / (grad.norm(dim=1, keepdim=True) + 1e-12)
             counts = chosen.sum(dim=0, keepdim=True).t()
             mean = (chosen.t() @ direction) / counts.clamp_min(1)

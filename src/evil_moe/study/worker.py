@@ -3,7 +3,8 @@
 :func:`execute_run` takes a task (resolved config as a dict, measurement settings) and
 returns the JSON object the study stores; it is what every worker process calls. The
 run itself is the recipe :func:`evil_moe.recipes.measure_study_run` (train -> evaluate ->
-measure); this module adds the per-process data cache and the timings.
+measure); this module adds the per-process data cache, the heap setting
+(:func:`~evil_moe.train.memory.keep_heap`) and the timings.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from evil_moe.recipes.study_run import measure_study_run, seen_tokens
 from evil_moe.routing.labels import Method
 from evil_moe.study.spec import canonical_json
 from evil_moe.train.config import RunConfig, config_from_dict
+from evil_moe.train.memory import keep_heap
 
 __all__ = [
     "ROUTED_METHODS",
@@ -76,6 +78,7 @@ def cached_data(cfg: RunConfig) -> PreparedData:
 def execute_run(task: dict[str, Any]) -> dict[str, Any]:
     """Train one resolved config and measure it; returns JSON-able results."""
     began, cpu_began = time.perf_counter(), time.process_time()
+    keep_heap()  # freed step buffers stay in the heap: no page faults (numbers unchanged)
     cfg: RunConfig = config_from_dict(task["config"])
     tracking = task.get("tracking")
     if tracking:  # set after the driver computed the run's key from its config
