@@ -21,7 +21,6 @@ import time
 _STARTED = time.process_time()
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import importlib  # noqa: E402
 import resource  # noqa: E402
@@ -31,6 +30,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+from evil_moe.study.runner import study_task  # noqa: E402
 from evil_moe.study.spec import expand, load_spec, unique_runs  # noqa: E402
 from evil_moe.study.store import ResultStore  # noqa: E402
 from evil_moe.study.worker import execute_run  # noqa: E402
@@ -94,14 +94,7 @@ def main() -> None:
         setattr(mod, name, timers.wrap(getattr(mod, name), phase))
     spec, _ = load_spec("quick")
     run = next(r for r in unique_runs(expand(spec)) if r.label == args.run)
-    task = {
-        "key": run.key,
-        "label": run.label,
-        "kind": run.kind,
-        "config": run.config.to_dict(),
-        "measure": dataclasses.asdict(spec.measure),
-        "run_dir": None,
-    }
+    task = study_task(spec, run)
     began = time.process_time()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result = execute_run(task)

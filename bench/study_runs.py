@@ -66,6 +66,7 @@ def child(labels: list[str], out: str) -> None:
     startup = time.process_time() - began
     results = {}
     for run in runs:
+        # spelled out, not study.runner.study_task: the other tree may predate it
         task = {
             "key": run.key,
             "label": run.label,

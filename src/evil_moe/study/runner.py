@@ -172,7 +172,7 @@ def run_study(
         todo = [r for r in runs if r.key not in done]
         outcome = StudyOutcome(total=len(runs), already_done=len(runs) - len(todo))
         if todo and executor == "ray":
-            tasks = [(r, _task(spec, r, out, keep_runs, report_to)) for r in todo]
+            tasks = [(r, study_task(spec, r, out, keep_runs, report_to)) for r in todo]
             execute_on_ray(tasks, store, outcome, ray or RayOptions(), progress)
         elif todo:
             _execute(spec, out, todo, store, outcome, jobs, progress, keep_runs, report_to)
@@ -182,16 +182,22 @@ def run_study(
             store.close()
 
 
-def _task(
-    spec: StudySpec, run: RunSpec, out: Path, keep_runs: bool, report_to: list[str] | None = None
+def study_task(
+    spec: StudySpec,
+    run: RunSpec,
+    out: Path | None = None,
+    keep_runs: bool = False,
+    report_to: list[str] | None = None,
 ) -> dict[str, Any]:
+    """What a worker needs to execute ``run`` (:func:`evil_moe.study.worker.execute_run`):
+    its resolved config and the spec's measurements, as plain data."""
     task = {
         "key": run.key,
         "label": run.label,
         "kind": run.kind,
         "config": run.config.to_dict(),
         "measure": dataclasses.asdict(spec.measure),
-        "run_dir": str(out / "runs" / run.key[:16]) if keep_runs else None,
+        "run_dir": str(out / "runs" / run.key[:16]) if keep_runs and out is not None else None,
     }
     if report_to:  # how the run is watched: not part of its config or key
         task["tracking"] = {"report_to": list(report_to), "dir": tracking_dir(out, run)}
@@ -233,7 +239,7 @@ def _execute(
                 if w.run is None and pending:
                     run = pending.popleft()
                     w.run, w.started = run, time.perf_counter()
-                    w.conn.send(_task(spec, run, out, keep_runs, report_to))
+                    w.conn.send(study_task(spec, run, out, keep_runs, report_to))
             busy = [w for w in pool.workers if w.run is not None]
             ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], 1.0))
             for w in busy:
