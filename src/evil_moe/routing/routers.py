@@ -76,10 +76,11 @@ def sinkhorn(
 
     Computed in log space for stability, in ``dtype`` (float64 by default; float32 may
     flip the argmax of near-tied rows, and on a CPU it is slower, see
-    ``bench/routers.py``). Each iteration normalises rows then columns and stops when the largest row-marginal error (relative to
-    ``1/n``) is below ``tol``, after at most ``iters`` iterations: the worst case is
-    ``iters`` x (two ``logsumexp`` over ``[n, K]``), reached on sharp scores
-    (``bench/routers.py`` measures it). Returns the plan and the iterations used.
+    ``bench/routers.py``). Each iteration normalises rows then columns and stops when
+    the largest row-marginal error (relative to ``1/n``) is below ``tol``, after at most
+    ``iters`` iterations: the worst case is ``iters`` x (two ``logsumexp`` over
+    ``[n, K]``), reached on sharp scores (``bench/routers.py`` measures it). Returns the
+    plan and the iterations used.
     """
     n, k = scores.shape
     log_p = scores.to(dtype) / temperature
