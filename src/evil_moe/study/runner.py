@@ -200,6 +200,8 @@ def study_task(
         "run_dir": str(out / "runs" / run.key[:16]) if keep_runs and out is not None else None,
     }
     if report_to:  # how the run is watched: not part of its config or key
+        if out is None:
+            raise ValueError("study_task(): report_to needs out, the study's directory")
         task["tracking"] = {"report_to": list(report_to), "dir": tracking_dir(out, run)}
     return task
 
