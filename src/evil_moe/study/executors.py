@@ -101,15 +101,7 @@ def execute_on_ray(
         retry_exceptions=False,
     )
     threads = max(1, int(options.cpus_per_run))
-    bar = tqdm(
-        total=outcome.total,
-        initial=outcome.already_done,
-        desc="study (ray)",
-        unit="run",
-        disable=not progress,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
+    bar = progress_bar(outcome.total, outcome.already_done, "study (ray)", progress)
     began = time.perf_counter()
     pending = {remote.remote(task, threads, options.function): run for run, task in tasks}
     try:
@@ -155,6 +147,19 @@ def _check_resources(options: RayOptions, available: dict[str, float]) -> None:
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "error"
+
+
+def progress_bar(total: int, done: int, desc: str, progress: bool) -> tqdm:
+    """The study's progress bar on stderr (runs finished of ``total``), for either executor."""
+    return tqdm(
+        total=total,
+        initial=done,
+        desc=desc,
+        unit="run",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
 def tracking_dir(out: Path, run: RunSpec) -> str:

@@ -28,9 +28,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from evil_moe.study.executors import RayOptions, execute_on_ray, tracking_dir
+from evil_moe.study.executors import RayOptions, execute_on_ray, progress_bar, tracking_dir
 from evil_moe.study.spec import RunSpec, StudySpec, expand, unique_runs
 from evil_moe.study.store import ResultStore
 
@@ -224,15 +222,7 @@ def _execute(
     log_dir.mkdir(parents=True, exist_ok=True)
     pending = deque(todo)
     attempts: dict[str, int] = {}
-    bar = tqdm(
-        total=outcome.total,
-        initial=outcome.already_done,
-        desc="study",
-        unit="run",
-        disable=not progress,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
+    bar = progress_bar(outcome.total, outcome.already_done, "study", progress)
     pool = WorkerPool(jobs, threads, log_dir)
     graceful = False
     try:
