@@ -35,7 +35,6 @@ _EXPORTS: dict[str, str] = {
     "mask_cotangent": "routing",
     "routed_linear": "routing",
     "routed_module_call": "routing",
-    "routed_scale": "routing",
     # backward routers
     "BackwardRouter": "routing",
     "RouterConfig": "routing",
@@ -48,7 +47,6 @@ _EXPORTS: dict[str, str] = {
     # quarantine modules and ablation
     "FusedExperts": "modules",
     "GateConfig": "modules",
-    "QuarantineBank": "modules",
     "ablate": "modules",
     "ablated": "modules",
     "parameter_groups": "modules",

@@ -433,7 +433,7 @@ def test_double_inject_and_bad_targets():
     with pytest.raises(ValueError, match="linear layers"):
         inject(base_model("llama"), target_modules=["mlp"], kind="lora")
     with pytest.raises(ValueError, match="semantics"):
-        inject(base_model("llama"), semantics="demix")
+        inject(base_model("llama"), semantics="filter")
 
 
 def test_lora_targets_and_conv1d():

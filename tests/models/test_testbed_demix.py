@@ -48,7 +48,7 @@ def _perturbed_logits(model, route, tokens, select):
 def test_forget_output_ignores_shared_mlp(n_layer):
     model, route, tokens = _setup(n_layer)
     before, after = _perturbed_logits(
-        model, route, tokens, lambda n: ".mlp.core." in n or ".mlp.shared_expert." in n
+        model, route, tokens, lambda n: ".mlp.base_layer." in n or ".mlp.shared." in n
     )
     forget = route == FORGET
     assert torch.equal(before[forget], after[forget])
@@ -72,7 +72,9 @@ def test_demix_gradients_follow_dispatch():
     q = quarantine_names(model)
 
     def shared_mlp(n):
-        return ".mlp.core." in n or ".mlp.shared_expert." in n
+        return ".mlp.base_layer." in n or ".mlp.shared." in n
+
+    assert any(shared_mlp(n) for n, _ in model.named_parameters())
 
     for label, silent, active in (
         (FORGET, shared_mlp, q.__contains__),

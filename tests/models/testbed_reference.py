@@ -72,7 +72,7 @@ def routed_shared_names(model) -> set[str]:
 
 def block_shared_names(model) -> set[str]:
     """Shared parameters that only act through a block's shared output (attn core, MLP)."""
-    pat = re.compile(r"^blocks\.\d+\.(attn\.(qkv|out)\.|mlp\.(core|shared_expert)\.)")
+    pat = re.compile(r"^blocks\.\d+\.(attn\.base_layer\.(qkv|out)\.|mlp\.(base_layer|shared)\.)")
     return {n for n, _ in model.named_parameters() if pat.search(n)}
 
 
@@ -171,15 +171,15 @@ def reference_forward(
         # the reference covers the default bank: no backward router, no forward soft gate
         assert bank.router is None and getattr(bank, "gate", None) is None
         h = _norm(x, blk.norm2.weight, norm_keep)
-        core = bank.core
+        core = bank.base_layer
         s = _linear(
             act(_linear(h, core.up.weight, core.up.bias, shared_keep)),
             core.down.weight,
             core.down.bias,
             shared_keep,
         )
-        if bank.shared_expert is not None:
-            se = bank.shared_expert
+        if bank.shared is not None:
+            se = bank.shared
             s = s + _linear(
                 act(_linear(h, se.up.weight, se.up.bias, shared_keep)),
                 se.down.weight,

@@ -12,15 +12,14 @@ import torch
 from torch.testing import assert_close
 
 from evil_moe.modules.experts import (
-    MLP,
     GateConfig,
-    QuarantineBank,
     SoftGate,
     switch_balance_loss,
     z_loss,
 )
 from evil_moe.routing.labels import RouteLabel, make_plan
-from evil_moe.routing.routers import BackwardRouter
+from evil_moe.routing.routers import RouterConfig
+from tiny import InjectedMLP
 
 RETAIN, FORGET, UNLABELED = (
     int(RouteLabel.RETAIN),
@@ -176,8 +175,8 @@ def _banks(with_router: bool, seed: int = 0):
     torch.manual_seed(seed)
 
     def build(gate):
-        router = BackwardRouter(k, policy="topk").double() if with_router else None
-        return QuarantineBank(MLP(d, 8), d, 9, k, router=router, init_std=0.3, gate=gate).double()
+        router = RouterConfig(policy="topk") if with_router else None
+        return InjectedMLP(d, 8, 9, k, router=router, gate=gate, init_std=0.3).double()
 
     gated = build(GateConfig(enabled=True, pin_weight=0.0))
     plain = build(None)
@@ -203,7 +202,7 @@ def test_zero_gate_leaves_the_bank_output_unchanged(with_router):
         y = bank(x, plan)
         (y * grad_out).sum().backward()
         outs.append(y.detach())
-        grads.append({n: p.grad for n, p in bank.named_parameters() if not n.startswith("gate")})
+        grads.append({n: p.grad for n, p in bank.named_parameters() if ".gate." not in n})
     # the gate's scales are (K + 1) / (K + 1), computed in float32
     assert_close(outs[0], outs[1], rtol=1e-7, atol=1e-9)
     for name, g in grads[1].items():

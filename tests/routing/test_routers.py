@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from evil_moe.models import testbed as tb
-from evil_moe.modules.experts import ACTIVATIONS, MLP, FusedExperts, QuarantineBank
+from evil_moe.modules.experts import ACTIVATIONS, FusedExperts
 from evil_moe.routing.labels import RouteLabel, make_plan
 from evil_moe.routing.routers import POLICIES, BackwardRouter, RouterConfig, sinkhorn
+from tiny import InjectedMLP
 
 SETTINGS = settings(max_examples=25, deadline=None)
 RETAIN, FORGET, UNLABELED = (
@@ -664,10 +665,8 @@ def test_testbed_forward_and_input_gradients_do_not_depend_on_the_policy():
 def _bank(router_cfg, shared_expert_width=4):
     d, width = D_OUT, 8
     torch.manual_seed(0)
-    core = MLP(d, 6)
-    router = router_cfg.build(K, d)
-    bank = QuarantineBank(
-        core, d, width, K, shared_expert_width=shared_expert_width, router=router, init_std=0.5
+    bank = InjectedMLP(
+        d, 6, width, K, shared_expert_width=shared_expert_width, router=router_cfg, init_std=0.5
     ).double()
     with torch.no_grad():
         for p in bank.parameters():
@@ -734,7 +733,8 @@ def test_amplified_tokens_leave_the_shared_path_like_forget_tokens(monkeypatch, 
     plain = _bank(RouterConfig(policy="topk"))
     plain.load_state_dict(bank.state_dict())
     plain_grads, plain_dx = _run_bank(plain, x, grad_out, labels)
-    assert not torch.allclose(plain_grads["core.up.weight"], grads["core.up.weight"])
+    core_up = "mlp.base_layer.up.base_layer.weight"
+    assert not torch.allclose(plain_grads[core_up], grads[core_up])
     assert_close(dx, plain_dx, rtol=0, atol=1e-12)
 
 
@@ -745,11 +745,11 @@ def test_an_amplified_token_gives_zero_gradient_to_the_core_and_shared_expert():
     only = torch.zeros_like(grad_out)
     only[t0] = grad_out[t0]
     grads, _ = _run_bank(bank, x, only, AMP_LABELS)
-    shared = [n for n in grads if n.startswith(("core.", "shared_expert."))]
+    shared = [n for n in grads if n.startswith(("mlp.base_layer.", "mlp.shared."))]
     assert len(shared) == 8
     for name in shared:
         assert (grads[name] == 0).all(), name
-    assert (grads["experts.down"] != 0).any()
+    assert (grads["mlp.experts.down"] != 0).any()
     plain = _bank(RouterConfig(policy="topk"))
     plain.load_state_dict(bank.state_dict())
     plain_grads, _ = _run_bank(plain, x, only, AMP_LABELS)

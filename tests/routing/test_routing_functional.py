@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
+from evil_moe.models.gpt import RMSNorm
 from evil_moe.routing.functional import (
     mask_cotangent,
     routed_linear,
     routed_module_call,
-    routed_scale,
 )
 
 EXACT = dict(rtol=1e-12, atol=1e-12)
@@ -142,24 +142,28 @@ def test_routed_linear_partial_requires_grad():
     assert_close(ws.grad, (cot * keep).t() @ x, **EXACT)
 
 
-def test_routed_scale_matches_per_row_reference():
+def test_routed_module_call_rmsnorm_gain_matches_per_row_reference():
     gen = torch.Generator().manual_seed(1)
     n, d = 7, 5
-    x, w, cot = _rand(gen, n, d), _rand(gen, d), _rand(gen, n, d)
+    norm = RMSNorm(d).double()
+    with torch.no_grad():
+        norm.weight.copy_(_rand(gen, d))
+    x, cot = _rand(gen, n, d), _rand(gen, n, d)
     keep = _keep(gen, n, 1)
     keep[0], keep[1] = 1.0, 0.0
-    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = routed_scale(xs.view(1, n, d), ws, keep)
-    assert_close(y.view(n, d), x * w, **EXACT)
+    xs = x.clone().requires_grad_()
+    y = routed_module_call(norm, xs.view(1, n, d), keep)
+    assert_close(y.view(n, d), norm(x), **EXACT)
     (y.view(n, d) * cot).sum().backward()
-    ref_w = torch.zeros_like(w)
+    ref_w, ref_x = torch.zeros_like(norm.weight), torch.zeros_like(x)
     for i in range(n):
-        wi = w.clone().requires_grad_()
-        (g,) = torch.autograd.grad((x[i] * wi * cot[i]).sum(), wi)
-        ref_w += g * keep[i, 0]
-    assert_close(ws.grad, ref_w, **EXACT)
-    assert_close(xs.grad, cot * w, **EXACT)
-    assert not torch.allclose(ws.grad, (cot * x).sum(0))
+        xi = x[i : i + 1].clone().requires_grad_()
+        gx, gw = torch.autograd.grad((norm(xi) * cot[i]).sum(), [xi, norm.weight])
+        ref_x[i] = gx[0]
+        ref_w += gw * keep[i, 0]
+    assert_close(norm.weight.grad, ref_w, **EXACT)
+    assert_close(xs.grad, ref_x, **EXACT)
+    assert keep.min() == 0 and not torch.allclose(ref_w, torch.zeros_like(ref_w))
 
 
 def test_mask_cotangent_identity_forward_masked_backward():
@@ -203,11 +207,11 @@ def test_routed_module_call_layernorm_matches_per_row_reference():
 def test_all_zero_keep_gives_exact_zero_param_grads():
     gen = torch.Generator().manual_seed(4)
     x, w, b = _rand(gen, 4, 6), _rand(gen, 8, 6).requires_grad_(), _rand(gen, 8).requires_grad_()
-    g = _rand(gen, 6).requires_grad_()
+    norm = RMSNorm(6).double()
     zero = torch.zeros(4, 1, dtype=F64)
-    y = routed_linear(x, w, b, zero).sum() + routed_scale(x, g, zero).sum()
+    y = routed_linear(x, w, b, zero).sum() + routed_module_call(norm, x, zero).sum()
     y.backward()
-    assert bool((w.grad == 0).all() and (b.grad == 0).all() and (g.grad == 0).all())
+    assert bool((w.grad == 0).all() and (b.grad == 0).all() and (norm.weight.grad == 0).all())
 
 
 def test_routed_linear_bf16_autocast_cpu():

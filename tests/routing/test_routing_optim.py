@@ -237,7 +237,7 @@ def test_ledger_keeps_demix_attention_gradient_on_forget_only_steps():
     ledger.record(route)
     ledger.release_idle()
     attn = model.blocks[0].attn.qkv.weight
-    core = model.blocks[0].mlp.core.up.weight
+    core = model.blocks[0].mlp.base_layer.up.weight
     assert attn.grad is not None and bool(attn.grad.any())  # attention trains on forget
     assert core.grad is None  # the core MLP never saw forget tokens: no optimizer step
 

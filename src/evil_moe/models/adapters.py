@@ -19,15 +19,15 @@ so the wrapped model computes exactly what the original model did.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import sys
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from evil_moe.modules.experts import MLP, FusedExperts, shared_grad_keep
+from evil_moe.modules.experts import MLP, FusedExperts, GateConfig, SoftGate, shared_grad_keep
 from evil_moe.routing.functional import DeferredKeep, mask_cotangent, routed_linear
 from evil_moe.routing.labels import (
+    SEMANTICS,
     Method,
     RoutingPlan,
     broadcast_per_token,
@@ -37,18 +37,14 @@ from evil_moe.routing.labels import (
 from evil_moe.routing.routers import RouterConfig
 
 NO_PLAN = RoutingPlan(semantics=Method.NONE)
-#: Semantics a wrapped Hugging Face model supports (DEMix would replace whole base layers).
-HF_SEMANTICS = (Method.NONE, Method.SGTM, Method.GRADIENT_ROUTING)
 
 
-@functools.cache
 def conv1d_class() -> type | None:
-    """``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layer), if transformers is here."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is an optional dependency
-        return None
-    return Conv1D
+    """``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layer) if transformers has
+    loaded it: a model that has such layers has imported it, and a model that has not
+    never makes this import transformers."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -88,7 +84,8 @@ def _adapter_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, dtype
 
 
-def _tokens(x: Tensor) -> int:
+def n_tokens(x: Tensor) -> int:
+    """Token rows of an activation ``[..., d]``."""
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
@@ -102,7 +99,7 @@ class RoutingState:
     """
 
     def __init__(self, semantics: Method | str = Method.SGTM):
-        self.semantics = Method.parse(semantics, HF_SEMANTICS, "routing semantics")
+        self.semantics = Method.parse(semantics, SEMANTICS, "routing semantics")
         self.plan: RoutingPlan = NO_PLAN
         #: ``(B, T)`` of the current route labels, or ``None``
         self.shape: tuple[int, ...] | None = None
@@ -110,6 +107,10 @@ class RoutingState:
         self.enabled = True
         self.scale = 1.0
         self.guard = False
+        #: the shared-gradient keep of the quarantine layer whose base is running (a
+        #: ``DeferredKeep`` under the absorption amplifier): the routed base linears
+        #: inside that layer use it instead of the plan's
+        self.base_keep: Tensor | DeferredKeep | None = None
 
     def begin_forward(
         self,
@@ -117,8 +118,10 @@ class RoutingState:
         modes: Tensor | None = None,
         ref_shape: tuple[int, ...] | None = None,
         device: torch.device | None = None,
+        semantics: Method | str | None = None,
     ) -> None:
-        """Build the plan for one forward pass (``labels=None``: the active context's)."""
+        """Build the plan for one forward pass (``labels=None``: the active context's;
+        ``semantics=None``: the state's)."""
         if labels is None and self.pending:
             labels, modes = self.pending[-1]
         if labels is None:
@@ -129,17 +132,17 @@ class RoutingState:
         if modes is not None:
             modes = torch.as_tensor(modes, device=route.device).long()
             mode = broadcast_per_token(modes, tuple(route.shape), "route_modes")
-        self.plan = make_plan(route, self.semantics, mode)
+        self.plan = make_plan(route, self.semantics if semantics is None else semantics, mode)
         self.shape = tuple(route.shape)
 
     def plan_for(self, x: Tensor, where: str) -> RoutingPlan:
         """The current plan, checked against the ``N`` token rows of ``x``."""
         plan = self.plan
         n = plan.n_tokens
-        if n is not None and _tokens(x) != n:
+        if n is not None and n_tokens(x) != n:
             raise ValueError(
                 f"{where}: the route labels cover {n} tokens (shape {self.shape}) but this layer "
-                f"got {_tokens(x)} (input shape {tuple(x.shape)}); route labels must match the "
+                f"got {n_tokens(x)} (input shape {tuple(x.shape)}); route labels must match the "
                 "batch of the forward pass they are given to"
             )
         return plan
@@ -148,7 +151,7 @@ class RoutingState:
         """Per-token quarantine factor: the plan's mask times the forget scale."""
         on = plan.quarantine_on
         if self.scale != 1.0:
-            base = on if on is not None else x.new_ones(_tokens(x), 1, dtype=torch.float32)
+            base = on if on is not None else x.new_ones(n_tokens(x), 1, dtype=torch.float32)
             on = base * self.scale
         return on
 
@@ -204,19 +207,26 @@ class RoutedBaseLinear(Wrapper):
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.state
-        if not state.enabled or state.plan.shared_grad is None:
+        keep = state.base_keep if state.base_keep is not None else state.plan.shared_grad
+        if not state.enabled or keep is None:
             return self.base_layer(x)
-        plan = state.plan_for(x, self.layer_name)
+        state.plan_for(x, self.layer_name)
         weight, bias = linear_weight(self.base_layer)
-        return routed_linear(x, weight, bias, plan.shared_grad)
+        return routed_linear(x, weight, bias, keep)
 
 
 class QuarantineLayer(Wrapper):
-    """A base layer plus an optional shared expert and K quarantine experts."""
+    """A base layer plus an optional shared expert and K quarantine experts.
+
+    The shared expert is masked for forget tokens like the base (the default) or, with
+    ``shared_open``, trained and seen by every token whatever its label. An optional
+    learned soft gate (:class:`~evil_moe.modules.experts.SoftGate`) scales the experts.
+    """
 
     experts: FusedExperts
     shared: nn.Module | None
     router: nn.Module | None
+    gate: SoftGate | None
 
     def __init__(
         self,
@@ -230,6 +240,8 @@ class QuarantineLayer(Wrapper):
     ):
         super().__init__(base_layer, state, name)
         self.router = router.build(n_experts, d_out, seed=seed) if router is not None else None
+        self.gate: SoftGate | None = None
+        self.shared_open = False
 
     @property
     def n_experts(self) -> int:
@@ -241,33 +253,37 @@ class QuarantineLayer(Wrapper):
         raise NotImplementedError
 
     def combine(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """``base + shared + quarantine_on * sum_k expert_k``, routed by the current plan."""
+        """``shared_on * (base + shared) + quarantine_on * sum_k gate_k * expert_k``,
+        routed by the current plan."""
         state = self.state
         if not state.enabled:
             return self.base_layer(x, *args, **kwargs)
         plan = state.plan_for(x, self.layer_name)
         router = self.router if torch.is_grad_enabled() else None
         keep = shared_grad_keep(plan, router, x)
-        out = self.base_forward(x, keep, *args, **kwargs)
+        outer, state.base_keep = state.base_keep, keep
+        try:
+            out = self.base_forward(x, keep, *args, **kwargs)
+        finally:
+            state.base_keep = outer
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"{self.layer_name}: base layer returned {type(out).__name__}, not a tensor"
             )
         dtype = self.experts.up.dtype  # the shared expert has the same dtype
         xq = x.to(dtype) if _needs_cast(x, self.experts.up) else x
-        if self.shared is not None:
+        if self.shared is not None and not self.shared_open:
             out = out + self.shared(xq, keep).to(out.dtype)
         out = mask_cotangent(out, plan.shared_cotangent)
+        if plan.shared_on is not None:  # DEMix: forget tokens see no shared path
+            out = out * plan.shared_on.to(out.dtype).reshape(*out.shape[:-1], 1)
+        if self.shared is not None and self.shared_open:
+            out = out + self.shared(xq).to(out.dtype)
         if state.scale == 0.0:
             return out
-        # The per-token quarantine factor goes in as the experts' gate: it then scales the
-        # narrow hidden units instead of the wide output (same values, much less traffic).
-        on = state.quarantine_on(plan, x)
-        gate = None
-        if on is not None:
-            k = self.experts.n_experts
-            gate = on.to(xq.dtype).reshape(*x.shape[:-1], 1).expand(*x.shape[:-1], k)
-            plan = dataclasses.replace(plan, quarantine_on=None)
+        gate = self.gate(xq, plan) if self.gate is not None else None
+        if state.scale != 1.0:  # forget-scale sweep: the quarantine factor times the scale
+            plan = dataclasses.replace(plan, quarantine_on=state.quarantine_on(plan, x))
         residual = out.to(dtype) if _needs_cast(out, self.experts.up) else out
         shared_keep = keep if isinstance(keep, DeferredKeep) else None
         y = self.experts(xq, plan, router, residual=residual, shared_keep=shared_keep, gate=gate)
@@ -338,7 +354,8 @@ class QuarantineLinear(QuarantineLayer):
 
 class QuarantineMLP(QuarantineLayer):
     """``kind="mlp"``: the model's MLP block plus K parallel quarantine MLP experts (hidden
-    width ``width`` each) and an optional shared MLP expert, all reading the MLP's input."""
+    width ``width`` each) and an optional shared MLP expert, all reading the MLP's input;
+    optionally a learned soft gate over the experts (``gate``)."""
 
     def __init__(
         self,
@@ -353,10 +370,15 @@ class QuarantineMLP(QuarantineLayer):
         router: RouterConfig | None = None,
         init_std: float | None = None,
         seed: int = 0,
+        gate: GateConfig | None = None,
+        shared_open: bool = False,
     ):
         super().__init__(base_layer, state, name, router, d_model, n_experts, seed)
         std = init_std if init_std is not None else 0.02
         device, dtype = _adapter_dtype(base_layer)
+        if gate is not None and gate.enabled:
+            self.gate = SoftGate(d_model, n_experts, gate).to(device=device, dtype=dtype)
+        self.shared_open = shared_open
         self.experts = FusedExperts(
             d_model, d_model, n_experts * width, n_experts, activation, bias=True, init_std=std
         )
@@ -382,99 +404,3 @@ class QuarantineMLP(QuarantineLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         return self.combine(x, *args, **kwargs)
-
-
-STATE_ATTR = "_evil_moe_state"
-
-
-def attach_state(module: nn.Module, state: RoutingState) -> None:
-    """Give a hooked module the routing state its hooks read."""
-    module.__dict__[STATE_ATTR] = state
-
-
-def detach_state(module: nn.Module) -> None:
-    """Remove the routing state :func:`attach_state` gave ``module`` (if any)."""
-    module.__dict__.pop(STATE_ATTR, None)
-
-
-def state_of(module: nn.Module) -> RoutingState:
-    """The routing state attached to a hooked module (survives ``deepcopy`` and pickling)."""
-    return module.__dict__[STATE_ATTR]
-
-
-class RouteHook:
-    """Base of the hooks :func:`~evil_moe.models.inject.inject` registers (the handle
-    keeps the handles that registration returns, and removes them at unload). Each reads
-    the state attached to its module, never a captured one, so a deep copy of the model
-    routes by its own state."""
-
-    def __init__(self, name: str = ""):
-        self.name = name
-
-
-class RoutePreHook(RouteHook):
-    """Forward pre-hook of the injected model: consumes ``route_labels`` / ``route_modes``
-    keyword arguments and sets the plan of this forward pass (the HF forward never sees them).
-    """
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        labels = kwargs.pop("route_labels", None)
-        modes = kwargs.pop("route_modes", None)
-        ref = kwargs.get("input_ids")
-        if ref is None and args and isinstance(args[0], Tensor):
-            ref = args[0]
-        if ref is None and isinstance(kwargs.get("inputs_embeds"), Tensor):
-            ref = kwargs["inputs_embeds"][..., 0]
-        shape = tuple(ref.shape) if ref is not None else None
-        device = ref.device if ref is not None else None
-        state_of(module).begin_forward(labels, modes, shape, device)
-        return args, kwargs
-
-
-class EmbeddingHook(RouteHook):
-    """Forward hook making an embedding's weight gradient skip forget tokens.
-
-    Nothing is upstream of a lookup, so masking the cotangent of its output masks its
-    parameter gradient exactly. Outputs that broadcast over the batch (position
-    embeddings of shape ``[1, T, d]``) are expanded to ``[B, T, d]`` first.
-    """
-
-    def __call__(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
-        state = state_of(module)
-        keep = state.plan.shared_grad
-        if keep is None or not state.enabled or not isinstance(out, Tensor):
-            return None
-        if _tokens(out) != keep.shape[0]:
-            shape = state.shape
-            if shape is None or out.dim() != len(shape) + 1:
-                raise ValueError(
-                    f"{self.name}: embedding output {tuple(out.shape)} vs labels {shape}"
-                )
-            out = out.expand(*shape, out.shape[-1])
-        return mask_cotangent(out, keep)
-
-
-class PerTokenHook(RouteHook):
-    """Forward hook giving a per-token module (a norm) exact per-token parameter masks.
-
-    Recomputes the module with detached parameters and picks that output for tokens that
-    may not train shared parameters (the rule of ``routed_module_call``).
-    """
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor | None:
-        state = state_of(module)
-        keep = state.plan.shared_grad
-        if keep is None or state.guard or not state.enabled or not isinstance(out, Tensor):
-            return None
-        if _tokens(out) != keep.shape[0]:
-            raise ValueError(
-                f"{self.name}: output {tuple(out.shape)} vs route labels {state.shape}"
-            )
-        params = {n: p.detach() for n, p in module.named_parameters()}
-        state.guard = True
-        try:
-            frozen = functional_call(module, params, args, kwargs)
-        finally:
-            state.guard = False
-        flags = keep.reshape(*out.shape[:-1], 1).bool()
-        return torch.where(flags, out, frozen)

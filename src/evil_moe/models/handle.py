@@ -18,18 +18,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from evil_moe.models.adapters import (
-    QuarantineLayer,
-    QuarantineLinear,
-    RoutingState,
-    Wrapper,
-    detach_state,
-)
+from evil_moe.models.adapters import QuarantineLayer, QuarantineLinear, RoutingState, Wrapper
+from evil_moe.models.heads import QuarantineHeads
+from evil_moe.models.hooks import detach_state
 from evil_moe.models.targets import matches_any, set_submodule
 from evil_moe.modules.ablation import ablate as _ablate
 from evil_moe.modules.ablation import ablated as _ablated
 from evil_moe.modules.ablation import parameter_groups
 from evil_moe.modules.ablation import quarantine_parameters as _quarantine_parameters
+from evil_moe.modules.experts import GateConfig
 from evil_moe.routing.optim import ParameterGroups, StepLedger
 from evil_moe.routing.routers import BackwardRouter, RouterConfig
 
@@ -61,22 +58,33 @@ class QuarantineConfig:
     unrouted: list[str] = field(default_factory=list)
     #: the shared expert has been merged into the base weights
     shared_merged: bool = False
+    #: learned soft gate over the experts (``kind="mlp"``), or ``None``
+    gate: GateConfig | None = None
+    #: every token, forget tokens included, trains and sees the shared expert
+    shared_expert_open: bool = False
+    #: quarantine attention heads per attention module (``None``: attention not wrapped)
+    quarantine_heads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["router"] = None if self.router is None else dataclasses.asdict(self.router)
+        out["gate"] = None if self.gate is None else dataclasses.asdict(self.gate)
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuarantineConfig:
         data = dict(data)
         router = data.pop("router", None)
+        gate = data.pop("gate", None)
         known = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in data.items() if k in known})
         if router is not None:
             fields = {f.name for f in dataclasses.fields(RouterConfig)}
             router = RouterConfig(**{k: v for k, v in router.items() if k in fields})
-        cfg.router = router
+        if gate is not None:
+            fields = {f.name for f in dataclasses.fields(GateConfig)}
+            gate = GateConfig(**{k: v for k, v in gate.items() if k in fields})
+        cfg.router, cfg.gate = router, gate
         return cfg
 
 
@@ -98,6 +106,12 @@ class QuarantineHandle:
         """The quarantine wrappers by (original) module name."""
         self._check_live()
         return {n: m for n, m in self.model.named_modules() if isinstance(m, QuarantineLayer)}
+
+    @property
+    def heads(self) -> dict[str, QuarantineHeads]:
+        """The quarantine-heads wrappers of attention modules by (original) module name."""
+        self._check_live()
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, QuarantineHeads)}
 
     @property
     def routers(self) -> dict[str, BackwardRouter]:
@@ -122,7 +136,19 @@ class QuarantineHandle:
                 open_names.add(f"{mname}.{p}" if mname else p)
         if not self.config.train_base:
             open_names.clear()  # the base is frozen: nothing is open
+        if self.config.shared_expert_open:
+            for lname, layer in self.layers.items():
+                for p, _ in layer.shared.named_parameters() if layer.shared is not None else ():
+                    open_names.add(f"{lname}.shared.{p}")
         return parameter_groups(self.model, open_names)
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """The soft gates' auxiliary losses of the last forward pass, summed over layers."""
+        out: dict[str, Tensor] = {}
+        for layer in self.layers.values():
+            for name, value in layer.gate.aux.items() if layer.gate is not None else ():
+                out[name] = out[name] + value if name in out else value
+        return out
 
     def ledger(self) -> StepLedger:
         """A :class:`~evil_moe.routing.optim.StepLedger` over this model's groups."""
@@ -240,7 +266,8 @@ class QuarantineHandle:
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """Quarantine, shared-expert and router tensors by full name (no base weights)."""
         out: dict[str, Tensor] = {}
-        for name, layer in self.layers.items():
+        adapters: dict[str, nn.Module] = {**self.layers, **self.heads}
+        for name, layer in adapters.items():
             for key, value in layer.state_dict().items():
                 if not key.startswith("base_layer."):
                     out[f"{name}.{key}"] = value

@@ -15,20 +15,17 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from evil_moe.models.adapters import (
-    HF_SEMANTICS,
-    EmbeddingHook,
-    PerTokenHook,
     QuarantineLayer,
     QuarantineLinear,
     QuarantineMLP,
     RoutedBaseLinear,
-    RoutePreHook,
     RoutingState,
     Wrapper,
-    attach_state,
     is_linear,
 )
 from evil_moe.models.handle import HANDLE_ATTR, QuarantineConfig, QuarantineHandle
+from evil_moe.models.heads import QuarantineHeads, supports_heads
+from evil_moe.models.hooks import EmbeddingHook, PerTokenHook, RoutePreHook, attach_state
 from evil_moe.models.targets import (
     hidden_size,
     matches_any,
@@ -36,8 +33,8 @@ from evil_moe.models.targets import (
     resolve_targets,
     set_submodule,
 )
-from evil_moe.modules.experts import ACTIVATIONS
-from evil_moe.routing.labels import Method
+from evil_moe.modules.experts import ACTIVATIONS, GateConfig
+from evil_moe.routing.labels import SEMANTICS, Method
 from evil_moe.routing.routers import RouterConfig
 
 __all__ = ["KINDS", "inject"]
@@ -58,6 +55,10 @@ def inject(
     activation: str = "gelu",
     init_std: float | None = None,
     unrouted: Sequence[str] = (),
+    *,
+    gate: GateConfig | None = None,
+    shared_expert_open: bool = False,
+    quarantine_heads: int | None = None,
 ) -> QuarantineHandle:
     """Add a quarantine bank of ``n_quarantine`` experts to ``model`` in place.
 
@@ -71,16 +72,26 @@ def inject(
     ``train_base``: ``False`` freezes the base; ``True`` trains it, every base parameter
     being a routed shared parameter (linear layers via ``routed_linear``, embeddings via
     cotangent masks, norms via per-token recomputation) unless its module matches a
-    pattern in ``unrouted``. Outputs are unchanged at initialisation.
+    pattern in ``unrouted``. ``semantics``: the default routing semantics of a forward
+    pass (any of ``none``, ``sgtm``, ``gradient_routing``, ``demix``, ``demix_masked``).
+
+    ``kind="mlp"`` only: ``gate`` adds a learned soft gate over the experts (with its
+    auxiliary losses); ``shared_expert_open`` lets every token, forget tokens included,
+    train and see the shared expert. ``quarantine_heads``: quarantine attention heads added
+    to every attention module that exposes ``qkv``, ``out``, ``n_head`` and ``head_dim``
+    (the plain GPT's; ``None`` leaves attention unwrapped, ``0`` wraps it without heads so
+    that gradient routing also detaches the attention output of forget tokens).
+    Outputs are unchanged at initialisation.
     """
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise ValueError("model already has quarantine experts; unload() them first")
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
-    if semantics not in HF_SEMANTICS:
-        names = [m.value for m in HF_SEMANTICS]
-        raise ValueError(f"semantics {semantics!r} not supported here; choose from {names}")
-    semantics = Method(semantics).value
+    semantics = Method.parse(semantics, SEMANTICS, "routing semantics").value
+    if kind != "mlp" and (shared_expert_open or (gate is not None and gate.enabled)):
+        raise ValueError("a soft gate and an open shared expert need kind='mlp'")
+    if quarantine_heads is not None and quarantine_heads < 0:
+        raise ValueError(f"quarantine_heads must be >= 0, got {quarantine_heads}")
     if n_quarantine < 1 or rank < 1:
         raise ValueError(f"n_quarantine and rank must be >= 1, got {n_quarantine}, {rank}")
     if activation not in ACTIVATIONS:
@@ -100,6 +111,9 @@ def inject(
         activation=activation,
         init_std=init_std,
         unrouted=list(unrouted),
+        gate=gate if gate is not None and gate.enabled else None,
+        shared_expert_open=shared_expert_open,
+        quarantine_heads=quarantine_heads,
     )
     state = RoutingState(semantics)
     handle = QuarantineHandle(model, config, state)
@@ -141,8 +155,12 @@ def inject(
                     router_cfg,
                     init_std,
                     seed,
+                    gate=config.gate,
+                    shared_open=shared_expert_open,
                 )
             set_submodule(model, name, wrapper)
+        if quarantine_heads is not None:
+            _add_heads(model, state, quarantine_heads, n_quarantine, init_std)
         if train_base:
             handle._hooks += _route_base(model, state, config.unrouted)
         attach_state(model, state)
@@ -154,6 +172,22 @@ def inject(
         raise
     setattr(model, HANDLE_ATTR, handle)
     return handle
+
+
+def _add_heads(
+    model: nn.Module, state: RoutingState, n_heads: int, n_experts: int, init_std: float | None
+) -> None:
+    """Wrap every attention module that supports it with :class:`QuarantineHeads`."""
+    names = [n for n, m in model.named_modules() if n and supports_heads(m)]
+    if not names:
+        raise ValueError(
+            f"quarantine_heads: {type(model).__name__} has no attention module exposing "
+            "qkv, out, n_head and head_dim (Hugging Face attention classes are not supported)"
+        )
+    std = init_std if init_std is not None else 0.02
+    for name in names:
+        base = model.get_submodule(name)
+        set_submodule(model, name, QuarantineHeads(base, state, name, n_heads, n_experts, std))
 
 
 def _route_base(

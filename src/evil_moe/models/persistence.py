@@ -91,6 +91,9 @@ def load_quarantine(
         activation=config.activation,
         init_std=config.init_std,
         unrouted=config.unrouted,
+        gate=config.gate,
+        shared_expert_open=config.shared_expert_open,
+        quarantine_heads=config.quarantine_heads,
     )
     handle.config.shared_expert = config.shared_expert
     handle.config.shared_merged = config.shared_merged

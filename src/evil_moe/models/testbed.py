@@ -1,10 +1,11 @@
-"""The testbed: a small decoder-only language model with quarantine experts, in one file.
+"""The testbed: a small GPT with quarantine experts, built from config.
 
-GPT-style (learned positions, pre-norm blocks, tied embeddings). Each block has core
-attention heads plus optional quarantine heads, and a :class:`QuarantineBank` around its
-core MLP. Every parameter that is not a quarantine parameter is *shared*; which shared
-parameters are routed (receive no gradient from forget tokens) is decided by the config:
-attention and MLP weights always, embeddings and norms by switch.
+The base model is the plain :class:`~evil_moe.models.gpt.GPT` (learned positions,
+pre-norm blocks, tied embeddings); its quarantine is added by the same
+:func:`~evil_moe.models.inject.inject` that serves Hugging Face models: quarantine
+attention heads beside each attention module, a quarantine bank (K MLP experts, an
+optional shared expert and soft gate) beside each MLP, and every base parameter a routed
+shared parameter (attention and MLP weights always, embeddings and norms by switch).
 
     model = Testbed(TestbedConfig())
     logits = model(tokens, route=route)           # route: [B] or [B, T] labels (codes or names)
@@ -20,18 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evil_moe.modules.ablation import parameter_groups, quarantine_parameters
-from evil_moe.modules.experts import (
-    ACTIVATIONS,
-    MLP,
-    GateConfig,
-    QuarantineBank,
-    QuarantineModule,
-    default_out_std,
-    reinit_like_,
-)
-from evil_moe.routing.functional import mask_cotangent, routed_linear, routed_scale
-from evil_moe.routing.labels import Method, RoutingPlan, make_plan, parse_route_labels
+from evil_moe.models.adapters import Wrapper
+from evil_moe.models.gpt import GPT, GPTConfig
+from evil_moe.models.handle import QuarantineHandle, get_handle
+from evil_moe.models.inject import inject
+from evil_moe.modules.ablation import quarantine_parameters
+from evil_moe.modules.experts import ACTIVATIONS, GateConfig, default_out_std
+from evil_moe.routing.labels import Method, parse_route_labels
 from evil_moe.routing.optim import ParameterGroups
 from evil_moe.routing.routers import RouterConfig
 
@@ -89,136 +85,104 @@ class TestbedConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, routed: bool, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.routed = routed
-        self.eps = eps
-
-    def forward(self, x: Tensor, plan: RoutingPlan) -> Tensor:
-        xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return routed_scale(xhat, self.weight, plan.shared_grad if self.routed else None)
-
-
-class Attention(QuarantineModule):
-    """Causal self-attention with ``n_head`` core heads and ``n_quarantine_heads`` more.
-
-    Quarantine heads belong to expert ``h // (Hq / K)`` when ``Hq`` is a multiple of
-    ``K``; otherwise they are common to the whole quarantine and removed only when all
-    experts are ablated.
-    """
-
-    def __init__(self, cfg: TestbedConfig):
-        super().__init__()
-        d, hd = cfg.d_model, cfg.head_dim
-        self.n_head, self.n_qhead, self.head_dim = cfg.n_head, cfg.n_quarantine_heads, hd
-        self.n_experts = cfg.n_experts
-        self.qkv = nn.Linear(d, 3 * cfg.n_head * hd)
-        self.out = nn.Linear(cfg.n_head * hd, d)
-        out_std = default_out_std(cfg.init_std, cfg.n_layer)
-        nn.init.normal_(self.qkv.weight, std=cfg.init_std)
-        nn.init.zeros_(self.qkv.bias)
-        nn.init.normal_(self.out.weight, std=out_std)
-        nn.init.zeros_(self.out.bias)
-        if self.n_qhead:
-            self.q_qkv = nn.Parameter(torch.randn(3 * self.n_qhead * hd, d) * cfg.init_std)
-            self.q_qkv_bias = nn.Parameter(torch.zeros(3 * self.n_qhead * hd))
-            self.q_out = nn.Parameter(torch.randn(d, self.n_qhead * hd) * out_std)
-        split = self.n_qhead and self.n_qhead % self.n_experts == 0
-        per = self.n_qhead // self.n_experts if split else 0
-        self.head_owner = [h // per for h in range(self.n_qhead)] if split else None
-
-    def forward(self, x: Tensor, plan: RoutingPlan) -> Tensor:
-        B, T, _ = x.shape
-        hd = self.head_dim
-        qkv = routed_linear(x, self.qkv.weight, self.qkv.bias, plan.shared_grad)
-        qkv = qkv.view(B, T, 3, self.n_head, hd)
-        if self.n_qhead:
-            qq = F.linear(x, self.q_qkv, self.q_qkv_bias).view(B, T, 3, self.n_qhead, hd)
-            qkv = torch.cat([qkv, qq], dim=3)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        att = att.transpose(1, 2)  # [B, T, H, hd]
-        core = att[:, :, : self.n_head].reshape(B, T, self.n_head * hd)
-        y = routed_linear(core, self.out.weight, self.out.bias, plan.shared_grad)
-        y = mask_cotangent(y, plan.shared_cotangent)
-        if self.n_qhead:
-            quarantine = att[:, :, self.n_head :].reshape(B, T, self.n_qhead * hd)
-            yq = F.linear(quarantine, self.q_out)
-            if plan.quarantine_on is not None:
-                yq = yq * plan.quarantine_on.view(B, T, 1).to(yq.dtype)
-            y = y + yq
-        return y
-
-    def quarantine_parameters(self) -> dict[str, nn.Parameter]:
-        if not self.n_qhead:
-            return {}
-        return {"q_qkv": self.q_qkv, "q_qkv_bias": self.q_qkv_bias, "q_out": self.q_out}
-
-    @torch.no_grad()
-    def ablate_(self, experts: list[int], mode: str, generator: torch.Generator | None) -> None:
-        if not self.n_qhead:
-            return
-        if self.head_owner is None:
-            heads = list(range(self.n_qhead)) if len(experts) == self.n_experts else []
-        else:
-            heads = [h for h, owner in enumerate(self.head_owner) if owner in experts]
-        hd = self.head_dim
-        qkv = self.q_qkv.view(3, self.n_qhead, hd, -1)
-        bias = self.q_qkv_bias.view(3, self.n_qhead, hd)
-        for h in heads:
-            for part in (qkv[:, h], bias[:, h], self.q_out[:, h * hd : (h + 1) * hd]):
-                if mode == "zero":
-                    part.zero_()
-                else:
-                    reinit_like_(part, generator)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: TestbedConfig, layer: int = 0):
-        super().__init__()
-        out_std = default_out_std(cfg.init_std, cfg.n_layer)
-        self.norm1 = RMSNorm(cfg.d_model, cfg.route_norms)
-        self.attn = Attention(cfg)
-        self.norm2 = RMSNorm(cfg.d_model, cfg.route_norms)
-        core = MLP(cfg.d_model, cfg.mlp_width, cfg.activation)
-        nn.init.normal_(core.up.weight, std=cfg.init_std)
-        nn.init.zeros_(core.up.bias)
-        nn.init.normal_(core.down.weight, std=out_std)
-        nn.init.zeros_(core.down.bias)
-        self.mlp = QuarantineBank(
-            core,
-            cfg.d_model,
-            cfg.quarantine_width,
-            n_experts=cfg.n_experts,
-            shared_expert_width=cfg.shared_expert_width,
-            activation=cfg.activation,
-            router=cfg.router.build(cfg.n_experts, cfg.d_model, seed=layer),
-            gate=cfg.gate,
-            init_std=cfg.init_std,
-            out_init_std=out_std,
-            shared_expert_open=cfg.shared_expert_open,
+    def gpt_config(self) -> GPTConfig:
+        """The size of the base model."""
+        return GPTConfig(
+            vocab_size=self.vocab_size,
+            seq_len=self.seq_len,
+            d_model=self.d_model,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            mlp_width=self.mlp_width,
+            activation=self.activation,
         )
 
-    def forward(self, x: Tensor, plan: RoutingPlan) -> Tensor:
-        x = x + self.attn(self.norm1(x, plan), plan)
-        return x + self.mlp(self.norm2(x, plan), plan)
+    def unrouted_modules(self) -> list[str]:
+        """Modules whose parameters every token trains (embeddings and the tied head,
+        norms), by the ``route_embeddings`` / ``route_norms`` switches."""
+        out = [] if self.route_embeddings else ["wte", "wpe", "lm_head"]
+        return out + ([] if self.route_norms else ["norm1", "norm2", "norm_f"])
 
 
-class Testbed(nn.Module):
-    """Decoder-only LM with a quarantine in every block."""
+def _base(module: nn.Module) -> nn.Module:
+    """The layer inside a routing wrapper (or the layer itself)."""
+    return module.base_layer if isinstance(module, Wrapper) else module
+
+
+class Testbed(GPT):
+    """The plain GPT plus its quarantine, injected in place (see the module docstring)."""
 
     def __init__(self, cfg: TestbedConfig):
-        super().__init__()
+        rng = torch.get_rng_state()
+        super().__init__(cfg.gpt_config())
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
-        nn.init.normal_(self.wte.weight, std=cfg.init_std)
-        nn.init.normal_(self.wpe.weight, std=cfg.init_std)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm_f = RMSNorm(cfg.d_model, cfg.route_norms)
+        inject(
+            self,
+            target_modules=[f"blocks.{i}.mlp" for i in range(cfg.n_layer)],
+            n_quarantine=cfg.n_experts,
+            shared_expert=cfg.shared_expert_width,
+            kind="mlp",
+            rank=cfg.quarantine_width // cfg.n_experts,
+            router=cfg.router,
+            train_base=True,
+            activation=cfg.activation,
+            init_std=cfg.init_std,
+            unrouted=cfg.unrouted_modules(),
+            gate=cfg.gate,
+            shared_expert_open=cfg.shared_expert_open,
+            quarantine_heads=cfg.n_quarantine_heads,
+        )
+        torch.set_rng_state(rng)
+        self.init_weights_()
+
+    @torch.no_grad()
+    def init_weights_(self) -> None:
+        """Draw every parameter from the global generator in one fixed order.
+
+        Block by block: attention, quarantine heads, core MLP, soft gate, quarantine
+        experts, shared expert. Each ``nn.Embedding`` / ``nn.Linear`` first repeats its
+        own initialisation, a draw that is then overwritten, so that a given seed gives
+        the parameters (and every number downstream) of the original testbed.
+        """
+        cfg = self.cfg
+        std, out_std = cfg.init_std, default_out_std(cfg.init_std, cfg.n_layer)
+
+        def linears_(layers: list[tuple[nn.Module, float]]) -> None:
+            for layer, _ in layers:
+                layer.reset_parameters()
+            for layer, weight_std in layers:
+                nn.init.normal_(layer.weight, std=weight_std)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+
+        def randn_(p: Tensor, p_std: float) -> None:
+            p.copy_(torch.randn(p.shape) * p_std)
+
+        self.wte.reset_parameters()
+        self.wpe.reset_parameters()
+        nn.init.normal_(self.wte.weight, std=std)
+        nn.init.normal_(self.wpe.weight, std=std)
+        for block in self.blocks:
+            heads, bank = block.attn, block.mlp
+            attn, core = heads.base_layer, bank.base_layer
+            linears_([(_base(attn.qkv), std), (_base(attn.out), out_std)])
+            if heads.n_qhead:
+                randn_(heads.q_qkv, std)
+                heads.q_qkv_bias.zero_()
+                randn_(heads.q_out, out_std)
+            linears_([(_base(core.up), std), (_base(core.down), out_std)])
+            if bank.gate is not None:
+                bank.gate.weight.zero_()
+            randn_(bank.experts.up, std)
+            bank.experts.up_bias.zero_()
+            randn_(bank.experts.down, out_std)
+            if bank.shared is not None:
+                linears_([(bank.shared.up, std), (bank.shared.down, out_std)])
+
+    @property
+    def handle(self) -> QuarantineHandle:
+        """The quarantine handle (routers, ablation, parameter groups, persistence)."""
+        return get_handle(self)
 
     def forward(
         self,
@@ -229,51 +193,23 @@ class Testbed(nn.Module):
     ) -> Tensor:
         """Logits ``[B, T, vocab]`` for ``tokens`` ``[B, T]``, routed by ``route``: route
         labels per sequence ``[B]`` or per token ``[B, T]``, codes or names (see
-        :func:`~evil_moe.routing.labels.parse_route_labels`)."""
+        :func:`~evil_moe.routing.labels.parse_route_labels`), under ``semantics``.
+        Without ``route`` the plan is the active ``route_labels`` context's, if any."""
         tokens = tokens.to(self.wte.weight.device)  # device-transparent (no-op on CPU)
-        mode = mode.to(tokens.device) if mode is not None else None
-        B, T = tokens.shape
-        if self.cfg.seq_len < T:
-            raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.cfg.seq_len}")
         if route is not None:
-            route = parse_route_labels(route, (B, T), tokens.device, "route")
-        plan = make_plan(route, semantics, mode, dtype=self.wte.weight.dtype)
-        emb_keep = plan.shared_grad if self.cfg.route_embeddings else None
-        pos = self.wpe(torch.arange(T, device=tokens.device)).expand(B, T, -1)
-        x = mask_cotangent(self.wte(tokens), emb_keep) + mask_cotangent(pos, emb_keep)
-        for block in self.blocks:
-            x = block(x, plan)
-        x = self.norm_f(x, plan)
-        return routed_linear(x, self.wte.weight, None, emb_keep)
+            route = parse_route_labels(route, tuple(tokens.shape), tokens.device, "route")
+            mode = mode.to(tokens.device) if mode is not None else None
+            state = self.handle.state
+            state.begin_forward(route, mode, tuple(tokens.shape), tokens.device, semantics)
+        return super().forward(tokens)
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Auxiliary router losses of the last forward pass, summed over blocks."""
-        out: dict[str, Tensor] = {}
-        for block in self.blocks:
-            gate = block.mlp.gate
-            for name, value in gate.aux.items() if gate is not None else ():
-                out[name] = out[name] + value if name in out else value
-        return out
-
-    def unrouted_names(self) -> set[str]:
-        """Shared parameters that every token trains (embeddings / norms when not routed,
-        an open shared expert)."""
-        names = set()
-        for name, _ in self.named_parameters():
-            is_embedding = name in ("wte.weight", "wpe.weight")
-            is_norm = "norm" in name
-            is_open_expert = ".shared_expert." in name and self.cfg.shared_expert_open
-            if (
-                (is_embedding and not self.cfg.route_embeddings)
-                or (is_norm and not self.cfg.route_norms)
-                or is_open_expert
-            ):
-                names.add(name)
-        return names
+        return self.handle.aux_losses()
 
     def parameter_groups(self) -> ParameterGroups:
         """Routed shared, open shared and quarantine parameters (for a ledger or clipping)."""
-        return parameter_groups(self, self.unrouted_names())
+        return self.handle.parameter_groups()
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts: shared (deployed), quarantine (ablated), and the quarantine
@@ -282,9 +218,9 @@ class Testbed(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         controlled = sum(
             p.numel()
-            for block in self.blocks
-            if block.mlp.router is not None and block.mlp.router.policy != "all"
-            for p in block.mlp.experts.quarantine_parameters().values()
+            for layer in self.handle.layers.values()
+            if layer.router is not None and layer.router.policy != "all"
+            for p in layer.experts.quarantine_parameters().values()
         )
         return {
             "total": total,

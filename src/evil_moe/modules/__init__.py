@@ -1,5 +1,5 @@
-"""Quarantine modules: K fused quarantine experts, the bank around a core path, the soft
-gate, and ablation (removing the quarantine at deployment)."""
+"""Quarantine modules: K fused quarantine experts, the routed MLP of a shared expert, the
+soft gate, and ablation (removing the quarantine at deployment)."""
 
 from evil_moe.modules.ablation import (
     ablate,
@@ -12,7 +12,6 @@ from evil_moe.modules.experts import (
     MLP,
     FusedExperts,
     GateConfig,
-    QuarantineBank,
     QuarantineModule,
     SoftGate,
 )
@@ -21,7 +20,6 @@ __all__ = [
     "MLP",
     "FusedExperts",
     "GateConfig",
-    "QuarantineBank",
     "QuarantineModule",
     "SoftGate",
     "ablate",

@@ -1,14 +1,14 @@
 """Quarantine experts: the parameters that are trained by routed data and ablated later.
 
-A :class:`QuarantineBank` wraps one block's core path (PEFT style: the base module is
-kept, experts are added beside it). In the forward pass every token gets
+The adapters of :mod:`evil_moe.models.adapters` add these beside a model's layers (PEFT
+style: the base module is kept). In the forward pass every token gets
 
-    core(x) + shared_expert(x) + sum_k quarantine_k(x)
+    base(x) + shared_expert(x) + sum_k quarantine_k(x)
 
 so every feature is present for every token (the condition absorption needs), except
 where the routing plan says otherwise: retain tokens see the quarantine zeroed under
 SGTM, and DEMix dispatches hard. Which of the K quarantine experts receives a routed
-token's gradient is decided by the bank's backward router (:mod:`evil_moe.routing.routers`).
+token's gradient is decided by a backward router (:mod:`evil_moe.routing.routers`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from evil_moe.routing.functional import (
     DeferredKeep,
     compute_dtype,
-    mask_cotangent,
     routed_linear,
 )
 from evil_moe.routing.labels import RouteLabel, RoutingPlan
@@ -384,96 +383,6 @@ class SoftGate(QuarantineModule):
     @torch.no_grad()
     def ablate_(self, experts: list[int], mode: str, generator: torch.Generator | None) -> None:
         """The gate only scales experts; zeroing the experts is the ablation."""
-
-
-class QuarantineBank(nn.Module):
-    """Core path + optional shared always-on expert + K quarantine MLP experts.
-
-    ``quarantine_width`` is the total number of hidden units of the quarantine; it is
-    split evenly into ``n_experts`` experts, so variants with different K have equal
-    quarantine parameters. Quarantine experts have no output bias (it could not be split).
-    ``router`` (a :class:`~evil_moe.routing.routers.BackwardRouter`) decides which expert
-    takes each routed token's gradient; ``None`` means every expert. The shared expert is
-    masked for forget tokens like the core (``shared_expert_open=False``, the default) or
-    open: trained and seen by every token, whatever its label (the "common gradients"
-    reading of DeepSeekMoE's shared expert).
-    """
-
-    def __init__(
-        self,
-        core: nn.Module | None,
-        d_model: int,
-        quarantine_width: int,
-        n_experts: int = 1,
-        shared_expert_width: int = 0,
-        activation: str = "gelu",
-        router: nn.Module | None = None,
-        init_std: float = 0.02,
-        out_init_std: float | None = None,
-        gate: GateConfig | None = None,
-        shared_expert_open: bool = False,
-    ):
-        super().__init__()
-        self.core = core
-        self.shared_expert_open = shared_expert_open
-        self.gate = (
-            SoftGate(d_model, n_experts, gate) if gate is not None and gate.enabled else None
-        )
-        self.experts = FusedExperts(
-            d_model,
-            d_model,
-            quarantine_width,
-            n_experts,
-            activation,
-            bias=True,
-            init_std=init_std,
-            out_init_std=out_init_std,
-        )
-        self.shared_expert = (
-            MLP(d_model, shared_expert_width, activation) if shared_expert_width > 0 else None
-        )
-        if self.shared_expert is not None:
-            std = out_init_std if out_init_std is not None else init_std
-            nn.init.normal_(self.shared_expert.up.weight, std=init_std)
-            nn.init.zeros_(self.shared_expert.up.bias)
-            nn.init.normal_(self.shared_expert.down.weight, std=std)
-            nn.init.zeros_(self.shared_expert.down.bias)
-        self.router = router
-
-    @property
-    def n_experts(self) -> int:
-        return self.experts.n_experts
-
-    def shared_forward(
-        self, x: Tensor, plan: RoutingPlan, keep: Tensor | DeferredKeep | None
-    ) -> Tensor | None:
-        """The deployed part: core path plus shared expert (``None`` if there is neither)."""
-        out = None
-        if self.core is not None:
-            out = self.core(x, keep) if isinstance(self.core, MLP) else self.core(x)
-        if self.shared_expert is not None and not self.shared_expert_open:
-            s = self.shared_expert(x, keep)
-            out = s if out is None else out + s
-        if out is not None:
-            out = mask_cotangent(out, plan.shared_cotangent)
-            if plan.shared_on is not None:
-                out = out * _rows(plan.shared_on, out)
-        if self.shared_expert is not None and self.shared_expert_open:
-            s = self.shared_expert(x)
-            out = s if out is None else out + s
-        return out
-
-    def forward(self, x: Tensor, plan: RoutingPlan) -> Tensor:
-        keep = shared_grad_keep(plan, self.router, x)
-        shared = self.shared_forward(x, plan, keep)
-        return self.experts(
-            x,
-            plan,
-            self.router,
-            residual=shared,
-            shared_keep=keep if isinstance(keep, DeferredKeep) else None,
-            gate=self.gate(x, plan) if self.gate is not None else None,
-        )
 
 
 def shared_grad_keep(

@@ -9,7 +9,7 @@ from evil_moe.routing.functional import (
     mask_cotangent,
     routed_linear,
     routed_module_call,
-    routed_scale,
+    select_kept,
 )
 from evil_moe.routing.labels import (
     ROUTE_NAMES,
@@ -48,6 +48,6 @@ __all__ = [
     "parse_route_labels",
     "routed_linear",
     "routed_module_call",
-    "routed_scale",
     "routed_step",
+    "select_kept",
 ]

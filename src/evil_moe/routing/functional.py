@@ -147,45 +147,25 @@ def mask_cotangent(x: Tensor, keep: Tensor | None) -> Tensor:
     return y.reshape(*lead, x.shape[-1])
 
 
-class _RoutedScale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, keep):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, keep)
-        return x * weight
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x, weight, keep = ctx.saved_tensors
-        grad_x = grad * weight if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = ((grad * keep.to(grad.dtype)) * x).sum(0).to(weight.dtype)
-        return grad_x, grad_w, None
-
-
-def routed_scale(x: Tensor, weight: Tensor, keep: Tensor | None) -> Tensor:
-    """``x * weight`` (a norm's gain) with the weight gradient summed over kept tokens."""
-    if keep is None:
-        return x * weight
-    lead = x.shape[:-1]
-    y = _RoutedScale.apply(x.reshape(-1, x.shape[-1]), weight, keep)
-    return y.reshape(*lead, x.shape[-1])
-
-
 def routed_module_call(module: nn.Module, x: Tensor, keep: Tensor | None) -> Tensor:
     """Any per-token module with exact per-token parameter-gradient masks.
 
-    The generic fallback for modules that have no dedicated masked op (for example a
-    model's own norm class): it runs the module twice, once with its parameters and once
-    with them detached, and picks per token. Exact for any module that acts on each
-    token independently; it costs a second forward of the module, so it is meant for
-    cheap elementwise modules, not for matrix multiplies.
+    The generic rule for modules that have no dedicated masked op (a model's own norm
+    class; :class:`~evil_moe.models.hooks.PerTokenHook` applies it to injected models):
+    see :func:`select_kept`.
     """
     if keep is None:
         return module(x)
+    return select_kept(module, (x,), {}, module(x), keep)
+
+
+def select_kept(module: nn.Module, args: tuple, kwargs: dict, live: Tensor, keep: Tensor) -> Tensor:
+    """``live`` (``module``'s output for ``args``) for kept tokens, and for the others the
+    output of ``module`` run again with detached parameters: its parameter gradients then
+    sum only kept tokens. Exact for any module that acts on each token independently; it
+    costs a second forward of the module, so it is meant for cheap elementwise modules
+    (norms), not for matrix multiplies."""
     params = {name: p.detach() for name, p in module.named_parameters()}
-    live = module(x)
-    frozen = functional_call(module, params, (x,))
-    lead = x.shape[:-1]
-    flags = keep.reshape(*lead, 1).bool()
+    frozen = functional_call(module, params, args, kwargs)
+    flags = keep.reshape(*live.shape[:-1], 1).bool()
     return torch.where(flags, live, frozen)
