@@ -28,7 +28,7 @@ from tiny import tiny_config  # noqa: F401  (re-exported for the testbed tests)
 
 RETAIN, FORGET, UNLABELED = 0, 1, 2
 _ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
-_NORM_NAME = re.compile(r"(^|\.)(norm1|norm2|norm_f)\.weight$")
+_NORM_NAME = re.compile(r"(^|\.)(norm1|norm2|norm_f)(\.base_layer)?\.weight$")
 EMBEDDING_NAMES = {"wte.weight", "wpe.weight"}
 
 

@@ -23,9 +23,16 @@ import sys
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from evil_moe.modules.experts import MLP, FusedExperts, GateConfig, SoftGate, shared_grad_keep
-from evil_moe.routing.functional import DeferredKeep, mask_cotangent, routed_linear
+from evil_moe.routing.functional import (
+    DeferredKeep,
+    mask_cotangent,
+    per_token_parameter,
+    routed_linear,
+    select_kept,
+)
 from evil_moe.routing.labels import (
     SEMANTICS,
     Method,
@@ -106,7 +113,6 @@ class RoutingState:
         self.pending: list[tuple[Tensor, Tensor | None]] = []
         self.enabled = True
         self.scale = 1.0
-        self.guard = False
         #: the shared-gradient keep of the quarantine layer whose base is running (a
         #: ``DeferredKeep`` under the absorption amplifier): the routed base linears
         #: inside that layer use it instead of the plan's
@@ -213,6 +219,70 @@ class RoutedBaseLinear(Wrapper):
         state.plan_for(x, self.layer_name)
         weight, bias = linear_weight(self.base_layer)
         return routed_linear(x, weight, bias, keep)
+
+
+class RoutedNorm(Wrapper):
+    """A trained per-token module (a norm) whose parameter gradients skip forget tokens.
+
+    It is called with its parameters expanded to one row per token
+    (:func:`~evil_moe.routing.functional.per_token_parameter`): one forward, one backward.
+    That is exact for modules that use their parameters in broadcasting elementwise ops
+    (RMSNorm gains). Its first routed call checks the module against the generic rule
+    (:func:`~evil_moe.routing.functional.select_kept`: run again with detached parameters,
+    pick per token), values and parameter gradients; a module that cannot take expanded
+    parameters (``nn.LayerNorm`` checks its weight's shape) or differs uses the generic
+    rule from then on.
+    """
+
+    def __init__(self, base_layer: nn.Module, state: RoutingState, name: str):
+        super().__init__(base_layer, state, name)
+        #: whether the module computes its own values from expanded parameters (unknown
+        #: until its first routed call)
+        self.expandable: bool | None = None
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        state, base = self.state, self.base_layer
+        keep = state.plan.shared_grad
+        if not state.enabled or keep is None or not torch.is_grad_enabled():
+            return base(x, *args, **kwargs)
+        state.plan_for(x, self.layer_name)
+        if self.expandable is None:
+            self.expandable = self._expansion_is_exact(x, keep, args, kwargs)
+        if self.expandable:
+            return self._expanded_call(x, keep, args, kwargs)
+        return select_kept(base, (x, *args), kwargs, base(x, *args, **kwargs), keep)
+
+    def _expanded_call(self, x: Tensor, keep: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        lead = tuple(x.shape[:-1])
+        params = {
+            n: per_token_parameter(p, keep, lead) if p.requires_grad else p
+            for n, p in self.base_layer.named_parameters()
+        }
+        return functional_call(self.base_layer, params, (x, *args), kwargs)
+
+    def _expansion_is_exact(self, x: Tensor, keep: Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether expanded parameters give the generic rule's values and gradients here."""
+        base = self.base_layer
+        params = [p for p in base.parameters() if p.requires_grad]
+        if not params:
+            return True
+        x = x.detach()
+        try:
+            fast = self._expanded_call(x, keep, args, kwargs)
+        except RuntimeError:
+            return False
+        slow = select_kept(base, (x, *args), kwargs, base(x, *args, **kwargs), keep)
+        if not isinstance(fast, Tensor) or fast.shape != slow.shape or not torch.equal(fast, slow):
+            return False
+        gen = torch.Generator(device=slow.device).manual_seed(0)
+        cotangent = torch.randn(slow.shape, generator=gen, device=slow.device, dtype=slow.dtype)
+        fast_grads = torch.autograd.grad(fast, params, cotangent, allow_unused=True)
+        slow_grads = torch.autograd.grad(slow, params, cotangent, allow_unused=True)
+        return all(
+            (a is None and b is None)
+            or (a is not None and b is not None and torch.allclose(a, b, rtol=1e-4, atol=1e-6))
+            for a, b in zip(fast_grads, slow_grads, strict=True)
+        )
 
 
 class QuarantineLayer(Wrapper):

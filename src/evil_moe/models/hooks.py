@@ -5,8 +5,6 @@ they read.
   keyword arguments and sets the plan of the forward pass.
 * :class:`EmbeddingHook` (on embeddings): masks the cotangent of the lookup, so that the
   embedding's gradient skips forget tokens.
-* :class:`PerTokenHook` (on norms): exact per-token parameter masks by recomputing the
-  module with detached parameters.
 
 Each hook reads the state attached to its module (:func:`attach_state`), never a
 captured one, so a deep copy of the model routes by its own state.
@@ -17,11 +15,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from evil_moe.models.adapters import RoutingState, n_tokens
-from evil_moe.routing.functional import mask_cotangent, select_kept
+from evil_moe.routing.functional import mask_cotangent
 
 __all__ = [
     "EmbeddingHook",
-    "PerTokenHook",
     "RouteHook",
     "RoutePreHook",
     "attach_state",
@@ -97,26 +94,3 @@ class EmbeddingHook(RouteHook):
                 )
             out = out.expand(*shape, out.shape[-1])
         return mask_cotangent(out, keep)
-
-
-class PerTokenHook(RouteHook):
-    """Forward hook giving a per-token module (a norm) exact per-token parameter masks.
-
-    Recomputes the module with detached parameters and picks that output for tokens that
-    may not train shared parameters (:func:`~evil_moe.routing.functional.select_kept`).
-    """
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor | None:
-        state = state_of(module)
-        keep = state.plan.shared_grad
-        if keep is None or state.guard or not state.enabled or not isinstance(out, Tensor):
-            return None
-        if n_tokens(out) != keep.shape[0]:
-            raise ValueError(
-                f"{self.name}: output {tuple(out.shape)} vs route labels {state.shape}"
-            )
-        state.guard = True  # the recomputation runs this hook again
-        try:
-            return select_kept(module, args, kwargs, out, keep)
-        finally:
-            state.guard = False

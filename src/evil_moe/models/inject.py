@@ -19,13 +19,14 @@ from evil_moe.models.adapters import (
     QuarantineLinear,
     QuarantineMLP,
     RoutedBaseLinear,
+    RoutedNorm,
     RoutingState,
     Wrapper,
     is_linear,
 )
 from evil_moe.models.handle import HANDLE_ATTR, QuarantineConfig, QuarantineHandle
 from evil_moe.models.heads import QuarantineHeads, supports_heads
-from evil_moe.models.hooks import EmbeddingHook, PerTokenHook, RoutePreHook, attach_state
+from evil_moe.models.hooks import EmbeddingHook, RoutePreHook, attach_state
 from evil_moe.models.targets import (
     hidden_size,
     matches_any,
@@ -71,7 +72,7 @@ def inject(
     ``router``: a :class:`RouterConfig` or a policy name (``all``, ``topk``, ...).
     ``train_base``: ``False`` freezes the base; ``True`` trains it, every base parameter
     being a routed shared parameter (linear layers via ``routed_linear``, embeddings via
-    cotangent masks, norms via per-token recomputation) unless its module matches a
+    cotangent masks, norms via per-token parameters) unless its module matches a
     pattern in ``unrouted``. ``semantics``: the default routing semantics of a forward
     pass (any of ``none``, ``sgtm``, ``gradient_routing``, ``demix``, ``demix_masked``).
 
@@ -226,8 +227,7 @@ def _route_base(
             attach_state(module, state)
             hooks.append(module.register_forward_hook(EmbeddingHook(name)))
         elif "norm" in type(module).__name__.lower():
-            attach_state(module, state)
-            hooks.append(module.register_forward_hook(PerTokenHook(name), with_kwargs=True))
+            set_submodule(model, name, RoutedNorm(module, state, name))
         else:
             bad.append((name, module))
     if bad:

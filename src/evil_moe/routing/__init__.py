@@ -7,6 +7,7 @@ Depends on ``torch`` only; nothing here imports the rest of the package.
 from evil_moe.routing.functional import (
     DeferredKeep,
     mask_cotangent,
+    per_token_parameter,
     routed_linear,
     routed_module_call,
     select_kept,
@@ -46,6 +47,7 @@ __all__ = [
     "make_plan",
     "mask_cotangent",
     "parse_route_labels",
+    "per_token_parameter",
     "routed_linear",
     "routed_module_call",
     "routed_step",

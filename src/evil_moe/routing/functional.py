@@ -147,13 +147,33 @@ def mask_cotangent(x: Tensor, keep: Tensor | None) -> Tensor:
     return y.reshape(*lead, x.shape[-1])
 
 
-def routed_module_call(module: nn.Module, x: Tensor, keep: Tensor | None) -> Tensor:
-    """Any per-token module with exact per-token parameter-gradient masks.
+class _PerTokenParameter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, keep, lead):  # type: ignore[override]
+        ctx.save_for_backward(keep)
+        ctx.param_dim = p.dim()
+        return p.expand(*lead, *p.shape)
 
-    The generic rule for modules that have no dedicated masked op (a model's own norm
-    class; :class:`~evil_moe.models.hooks.PerTokenHook` applies it to injected models):
-    see :func:`select_kept`.
-    """
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (keep,) = ctx.saved_tensors
+        rows = grad.reshape(-1, *grad.shape[grad.dim() - ctx.param_dim :])
+        mask = keep.to(grad.dtype).reshape(-1, *([1] * ctx.param_dim))
+        return (rows * mask).sum(0), None, None
+
+
+def per_token_parameter(p: Tensor, keep: Tensor, lead: tuple[int, ...]) -> Tensor:
+    """``p`` expanded (not copied) to one row per token, ``[*lead, *p.shape]``, whose
+    gradient into ``p`` sums only the kept tokens' rows. A per-token module that uses its
+    parameters in broadcasting elementwise ops (a norm's gain) and is called with these
+    computes the same values, and its parameter gradients skip tokens with ``keep = 0``:
+    one forward and one backward, no recomputation."""
+    return _PerTokenParameter.apply(p, keep, tuple(lead))
+
+
+def routed_module_call(module: nn.Module, x: Tensor, keep: Tensor | None) -> Tensor:
+    """Any per-token module with exact per-token parameter-gradient masks, by the generic
+    rule of :func:`select_kept` (for modules that have no dedicated masked op)."""
     if keep is None:
         return module(x)
     return select_kept(module, (x,), {}, module(x), keep)
