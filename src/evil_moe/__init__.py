@@ -52,6 +52,8 @@ _EXPORTS: dict[str, str] = {
     "parameter_groups": "modules",
     "quarantine_parameters": "modules",
     # models: the testbed and any Hugging Face / PyTorch model
+    "GPT": "models",
+    "GPTConfig": "models",
     "Testbed": "models",
     "TestbedConfig": "models",
     "lm_loss": "models",

@@ -154,5 +154,7 @@ def test_gradient_routing_forget_only_batch():
     assert any(".mlp.shared." in n for n in inside)
     for name in inside:
         assert grads[name] is None or bool((grads[name] == 0).all()), name
-    for name in EMBEDDING_NAMES | quarantine_names(model) | {n for n in grads if n.startswith("norm_f.")}:
+    for name in (
+        EMBEDDING_NAMES | quarantine_names(model) | {n for n in grads if n.startswith("norm_f.")}
+    ):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name

@@ -1,5 +1,5 @@
-"""Models: the testbed (a small GPT with a quarantine in every block) and quarantine
-injection into any Hugging Face / PyTorch model.
+"""Models: quarantine injection into any Hugging Face / PyTorch model, and the testbed
+(the plain GPT of ``gpt.py`` with its quarantine injected the same way).
 
 ``transformers`` is optional: only ``RoutedTrainer`` and ``RoutedStepCallback`` need it,
 and they are built on first access.
@@ -8,6 +8,7 @@ and they are built on first access.
 from typing import Any
 
 from evil_moe.models.deploy import save_deployed
+from evil_moe.models.gpt import GPT, GPTConfig
 from evil_moe.models.handle import QuarantineConfig, QuarantineHandle, get_handle, route_labels
 from evil_moe.models.inject import inject
 from evil_moe.models.persistence import load_quarantine
@@ -15,6 +16,8 @@ from evil_moe.models.testbed import Testbed, TestbedConfig, lm_loss
 from evil_moe.models.trainer import RoutedTrainerMixin, RouteLabelCollator
 
 __all__ = [
+    "GPT",
+    "GPTConfig",
     "QuarantineConfig",
     "QuarantineHandle",
     "RouteLabelCollator",

@@ -352,8 +352,17 @@ class QuarantineLayer(Wrapper):
         if state.scale == 0.0:
             return out
         gate = self.gate(xq, plan) if self.gate is not None else None
-        if state.scale != 1.0:  # forget-scale sweep: the quarantine factor times the scale
-            plan = dataclasses.replace(plan, quarantine_on=state.quarantine_on(plan, x))
+        on = state.quarantine_on(plan, x)  # the plan's, times the forget scale
+        if on is not None and router is not None and router.amplify_threshold is None:
+            # Under a backward router the factor goes in as (part of) the experts' gate: it
+            # then scales the narrow hidden units, not the wide output and its gradient
+            # (same values). The amplifier needs the masked gradient: it reads which
+            # tokens got any.
+            on = on.to(xq.dtype).reshape(*x.shape[:-1], 1)
+            gate = on.expand(*x.shape[:-1], self.experts.n_experts) if gate is None else gate * on
+            on = None
+        if on is not plan.quarantine_on:
+            plan = dataclasses.replace(plan, quarantine_on=on)
         residual = out.to(dtype) if _needs_cast(out, self.experts.up) else out
         shared_keep = keep if isinstance(keep, DeferredKeep) else None
         y = self.experts(xq, plan, router, residual=residual, shared_keep=shared_keep, gate=gate)
