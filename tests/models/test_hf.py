@@ -499,3 +499,30 @@ def test_unroutable_parameters_fail_cleanly_or_go_unrouted():
     assert g["model.layers.0.self_attn.sink"] is not None
     assert g["model.embed_tokens.weight"].abs().sum() > 0  # unrouted: forget tokens train it
     assert g["model.layers.0.self_attn.q_proj.base_layer.weight"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("semantics", ["demix", "demix_masked"])
+def test_demix_on_a_wrapped_mlp_dispatches_forget_sequences_to_the_quarantine(semantics):
+    """DEMix (hard dispatch) on a Hugging Face model: a forget sequence's logits do not
+    depend on the base MLP weights, a retain sequence's do not depend on the quarantine."""
+    model, handle = make("llama", kind="mlp", semantics=semantics, train_base=True)
+    ids, _ = batch(n=2)
+    labels = [FORGET, RETAIN]
+
+    def logits_after(perturb) -> torch.Tensor:
+        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if perturb(n):
+                    p.add_(0.5)
+            out = model(input_ids=ids, route_labels=labels).logits
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
+        return out
+
+    before = logits_after(lambda n: False)
+    base_mlp = logits_after(lambda n: ".mlp.base_layer." in n)
+    quarantine = set(handle.quarantine_parameters())
+    quarantined = logits_after(quarantine.__contains__)
+    assert torch.equal(before[0], base_mlp[0]) and not torch.allclose(before[1], base_mlp[1])
+    assert torch.equal(before[1], quarantined[1]) and not torch.allclose(before[0], quarantined[0])
