@@ -154,3 +154,17 @@ def test_train_returns_model_and_log_and_evaluates_nothing(tmp_path, tiny_overri
         "specialization",
         "stability",
     ]
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_a_clear_message(tmp_path):
+    from evil_moe.models.testbed import Testbed
+    from evil_moe.train.config import ConfigError
+    from evil_moe.train.io import save_checkpoint
+    from tiny import tiny_config
+
+    old = Testbed(tiny_config(n_quarantine_heads=0))
+    save_checkpoint(tmp_path, 3, old, torch.optim.AdamW(old.parameters()))
+    new = Testbed(tiny_config())
+    with pytest.raises(ConfigError, match=r"does not match this model.*fresh --out"):
+        load_checkpoint(tmp_path, new, torch.optim.AdamW(new.parameters()))
+    assert load_checkpoint(tmp_path, old, torch.optim.AdamW(old.parameters())) == 3

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from evil_moe.io import read_tensors, write_json, write_tensors
+from evil_moe.train.config import ConfigError
 
 __all__ = ["load_checkpoint", "remove_checkpoints", "save_checkpoint"]
 
@@ -56,7 +57,16 @@ def load_checkpoint(
         return None
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     tensors = read_tensors(directory / meta["file"])
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    saved = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    own = model.state_dict()
+    if set(saved) != set(own):
+        missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+        raise ConfigError(
+            f"{directory}: the checkpoint does not match this model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}): another model or an older evil_moe wrote it; "
+            "resume it with the version that wrote it, or start again in a fresh --out"
+        )
+    model.load_state_dict(saved)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
