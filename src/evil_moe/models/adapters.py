@@ -2,7 +2,8 @@
 
 Every wrapper keeps the layer it replaces as ``base_layer`` (PEFT style) and reads the
 per-forward :class:`~evil_moe.routing.labels.RoutingPlan` from a :class:`RoutingState`
-shared by all wrappers of one model. The routing math is the shared code of the testbed:
+shared by all wrappers of one model (the testbed's too: it is a plain GPT with these
+wrappers injected). The routing math:
 :class:`~evil_moe.modules.experts.FusedExperts` for the K quarantine experts,
 :func:`~evil_moe.routing.functional.routed_linear` for trained base weights and the shared
 expert, :func:`~evil_moe.routing.functional.mask_cotangent` for gradient-routing semantics.
@@ -11,6 +12,7 @@ expert, :func:`~evil_moe.routing.functional.mask_cotangent` for gradient-routing
 * :class:`QuarantineMLP` (``kind="mlp"``): ``mlp(x) + shared_mlp(x) + sum_k expert_k(x)``.
 * :class:`RoutedBaseLinear`: a trained base linear layer that is not a target; its weight
   gradient only sums the tokens that may train shared parameters.
+* :class:`RoutedNorm`: a trained norm; its parameter gradients only sum those tokens.
 
 Quarantine ``down`` matrices (LoRA ``B``) and the shared expert's ``down`` start at zero,
 so the wrapped model computes exactly what the original model did.

@@ -151,7 +151,7 @@ class _RoutedExperts(torch.autograd.Function):
                 meta["shared_keep"].value * (~amplified).to(g.dtype)[:, None]
             )
         grad_gate = None
-        if gate is not None:
+        if gate is not None and ctx.needs_input_grad[6]:  # not for a 0/1 quarantine mask
             grad_gate = (dhg * h).view(n, k, -1).sum(dim=2).to(gate.dtype)
         if act_backward is None:
             (dpre,) = torch.autograd.grad(h_, pre_, _gated(dhg, gate))
