@@ -14,7 +14,7 @@ shared parameter (attention and MLP weights always, embeddings and norms by swit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -33,17 +33,11 @@ from evil_moe.routing.routers import RouterConfig
 
 
 @dataclass
-class TestbedConfig:
-    """Size and layout of the testbed model."""
+class TestbedConfig(GPTConfig):
+    """Size and layout of the testbed model: the base GPT's size plus its quarantine."""
 
-    vocab_size: int = 2048
-    seq_len: int = 128
-    d_model: int = 128
-    n_layer: int = 4
-    n_head: int = 4
     #: quarantine attention heads per layer (SGTM's TinyStories setting uses 1)
     n_quarantine_heads: int = 1
-    mlp_width: int = 512
     #: total quarantine MLP units per layer, split evenly into ``n_experts`` experts
     quarantine_width: int = 64
     n_experts: int = 1
@@ -51,7 +45,6 @@ class TestbedConfig:
     shared_expert_width: int = 0
     #: the shared expert is trained by every token, forget tokens included (not masked)
     shared_expert_open: bool = False
-    activation: str = "gelu"
     #: which quarantine expert takes each routed token's gradient (decided in backward)
     router: RouterConfig = field(default_factory=RouterConfig)
     #: optional learned soft gate over the experts in the forward pass, with its losses
@@ -81,21 +74,9 @@ class TestbedConfig:
         if bad:
             raise ValueError(f"invalid testbed config value for {', '.join(bad)}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
     def gpt_config(self) -> GPTConfig:
         """The size of the base model."""
-        return GPTConfig(
-            vocab_size=self.vocab_size,
-            seq_len=self.seq_len,
-            d_model=self.d_model,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            mlp_width=self.mlp_width,
-            activation=self.activation,
-        )
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
 
     def unrouted_modules(self) -> list[str]:
         """Modules whose parameters every token trains (embeddings and the tied head,
