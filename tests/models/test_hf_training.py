@@ -59,6 +59,24 @@ def test_gradient_checkpointing_gives_the_same_grads(arch, kind):
         assert_close(ckpt[n], plain[n], rtol=1e-10, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_the_first_routed_call_may_be_under_gradient_checkpointing(arch, reentrant):
+    """Recomputation must see the ops of the first forward: nothing in a wrapper decides
+    its code path during a forward pass (RoutedNorm checks its module when wrapped)."""
+    ids, targets = batch(4, seed=11)
+    route = torch.tensor([FORGET, RETAIN, UNLABELED, FORGET])
+    kwargs = dict(kind="lora", n_quarantine=2, router="topk", shared_expert=2, train_base=True)
+    plain_model, _ = make(arch, **kwargs)
+    plain = grads(plain_model, loss_sum(plain_model, ids, targets, route_labels=route))
+    model, _ = make(arch, **kwargs)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ckpt = grads(model, loss_sum(model, ids, targets, route_labels=route))
+    for n in plain:
+        assert_close(ckpt[n], plain[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
 def test_gradient_accumulation_equals_one_batch():
     model, _ = make("qwen2", n_quarantine=2, router="topk", shared_expert=2, train_base=True)
     ids, targets = batch(4, seed=13)

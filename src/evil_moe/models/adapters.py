@@ -229,18 +229,18 @@ class RoutedNorm(Wrapper):
     It is called with its parameters expanded to one row per token
     (:func:`~evil_moe.routing.functional.per_token_parameter`): one forward, one backward.
     That is exact for modules that use their parameters in broadcasting elementwise ops
-    (RMSNorm gains). Its first routed call checks the module against the generic rule
-    (:func:`~evil_moe.routing.functional.select_kept`: run again with detached parameters,
-    pick per token), values and parameter gradients; a module that cannot take expanded
-    parameters (``nn.LayerNorm`` checks its weight's shape) or differs uses the generic
-    rule from then on.
+    (RMSNorm gains). When it is wrapped, the module is checked on a small random input
+    against the generic rule (:func:`~evil_moe.routing.functional.select_kept`: run again
+    with detached parameters, pick per token), values and parameter gradients; a module
+    that cannot take expanded parameters (``nn.LayerNorm`` checks its weight's shape) or
+    differs uses the generic rule. The check runs here, not in a forward pass, so that
+    activation checkpointing recomputes exactly what it saved.
     """
 
     def __init__(self, base_layer: nn.Module, state: RoutingState, name: str):
         super().__init__(base_layer, state, name)
-        #: whether the module computes its own values from expanded parameters (unknown
-        #: until its first routed call)
-        self.expandable: bool | None = None
+        #: whether the module computes its own values and gradients from expanded parameters
+        self.expandable = _expansion_is_exact(base_layer)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         state, base = self.state, self.base_layer
@@ -248,43 +248,49 @@ class RoutedNorm(Wrapper):
         if not state.enabled or keep is None or not torch.is_grad_enabled():
             return base(x, *args, **kwargs)
         state.plan_for(x, self.layer_name)
-        if self.expandable is None:
-            self.expandable = self._expansion_is_exact(x, keep, args, kwargs)
         if self.expandable:
-            return self._expanded_call(x, keep, args, kwargs)
+            return _expanded_call(base, x, keep, args, kwargs)
         return select_kept(base, (x, *args), kwargs, base(x, *args, **kwargs), keep)
 
-    def _expanded_call(self, x: Tensor, keep: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        lead = tuple(x.shape[:-1])
-        params = {
-            n: per_token_parameter(p, keep, lead) if p.requires_grad else p
-            for n, p in self.base_layer.named_parameters()
-        }
-        return functional_call(self.base_layer, params, (x, *args), kwargs)
 
-    def _expansion_is_exact(self, x: Tensor, keep: Tensor, args: tuple, kwargs: dict) -> bool:
-        """Whether expanded parameters give the generic rule's values and gradients here."""
-        base = self.base_layer
-        params = [p for p in base.parameters() if p.requires_grad]
-        if not params:
-            return True
-        x = x.detach()
-        try:
-            fast = self._expanded_call(x, keep, args, kwargs)
-        except RuntimeError:
-            return False
-        slow = select_kept(base, (x, *args), kwargs, base(x, *args, **kwargs), keep)
-        if not isinstance(fast, Tensor) or fast.shape != slow.shape or not torch.equal(fast, slow):
-            return False
-        gen = torch.Generator(device=slow.device).manual_seed(0)
-        cotangent = torch.randn(slow.shape, generator=gen, device=slow.device, dtype=slow.dtype)
-        fast_grads = torch.autograd.grad(fast, params, cotangent, allow_unused=True)
-        slow_grads = torch.autograd.grad(slow, params, cotangent, allow_unused=True)
-        return all(
-            (a is None and b is None)
-            or (a is not None and b is not None and torch.allclose(a, b, rtol=1e-4, atol=1e-6))
-            for a, b in zip(fast_grads, slow_grads, strict=True)
-        )
+def _expanded_call(
+    module: nn.Module, x: Tensor, keep: Tensor, args: tuple = (), kwargs: dict | None = None
+) -> Tensor:
+    """``module(x, ...)`` with every trained parameter expanded to one row per token."""
+    lead = tuple(x.shape[:-1])
+    params = {
+        n: per_token_parameter(p, keep, lead) if p.requires_grad else p
+        for n, p in module.named_parameters()
+    }
+    return functional_call(module, params, (x, *args), kwargs or {})
+
+
+def _expansion_is_exact(module: nn.Module) -> bool:
+    """Whether expanded parameters give the generic rule's values and gradients for
+    ``module`` on a small random input (width: its first parameter's last dimension)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return True
+    p0 = params[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, p0.shape[-1], generator=gen).to(device=p0.device, dtype=p0.dtype)
+    keep = torch.tensor([[1.0], [0.0], [1.0], [0.0], [0.0], [1.0]], device=p0.device)
+    try:
+        with torch.enable_grad():
+            fast = _expanded_call(module, x, keep)
+            slow = select_kept(module, (x,), {}, module(x), keep)
+            if fast.shape != slow.shape or not torch.equal(fast, slow):
+                return False
+            cotangent = torch.randn(slow.shape, generator=gen).to(slow)
+            fast_grads = torch.autograd.grad(fast, params, cotangent, allow_unused=True)
+            slow_grads = torch.autograd.grad(slow, params, cotangent, allow_unused=True)
+    except (RuntimeError, TypeError, ValueError, AttributeError):
+        return False  # cannot take expanded parameters (or this input): the generic rule
+    return all(
+        (a is None and b is None)
+        or (a is not None and b is not None and torch.allclose(a, b, rtol=1e-4, atol=1e-6))
+        for a, b in zip(fast_grads, slow_grads, strict=True)
+    )
 
 
 class QuarantineLayer(Wrapper):
