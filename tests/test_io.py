@@ -59,3 +59,18 @@ def test_jsonl_round_trip_skips_a_torn_last_line(tmp_path):
     with open(path, "a") as f:
         f.write('{"step": ')
     assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+
+
+def test_remove_temporaries_deletes_only_atomic_write_leftovers(tmp_path):
+    from evil_moe.io import remove_temporaries, write_json
+
+    write_json(tmp_path / "kept.json", {"a": 1})
+    (tmp_path / "sub").mkdir()
+    stale = [tmp_path / ".checkpoint.json.abc123.tmp", tmp_path / "sub" / ".x.safetensors.q.tmp"]
+    for path in stale:
+        path.write_text("half")
+    (tmp_path / "notes.tmp").write_text("not ours: no leading dot")
+    remove_temporaries(tmp_path)
+    assert not any(p.exists() for p in stale)
+    assert (tmp_path / "kept.json").exists() and (tmp_path / "notes.tmp").exists()
+    remove_temporaries(tmp_path / "missing")  # no directory: nothing to do

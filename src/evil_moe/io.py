@@ -23,12 +23,15 @@ __all__ = [
     "atomic_write",
     "read_jsonl",
     "read_tensors",
+    "remove_temporaries",
     "write_bytes",
     "write_json",
     "write_jsonl",
     "write_tensors",
 ]
 
+#: the suffix of atomic_write's temporary files
+TEMP_SUFFIX = ".tmp"
 #: the process umask, read once: temporary files get the mode ``open()`` would give
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -41,9 +44,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None], replace: bool =
     kept). Returns whether ``path`` now holds what ``write`` wrote."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -57,8 +61,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None], replace: bool =
             return False
         return True
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_temporaries(directory: str | Path) -> None:
+    """Delete the temporary files :func:`atomic_write` left in ``directory`` (and below)
+    when a signal stopped it between creating one and its own clean-up. Call it only
+    when no writer is active there (a run that has stopped)."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for stale in directory.rglob(f".*{TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

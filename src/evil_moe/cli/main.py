@@ -24,6 +24,7 @@ from pathlib import Path
 
 from evil_moe.data.corpus import DataError
 from evil_moe.eval.tables import format_table
+from evil_moe.io import remove_temporaries
 from evil_moe.study.spec import StudyError
 from evil_moe.study.store import StoreError
 from evil_moe.train.config import ConfigError, RunConfig, load_config
@@ -322,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evil-moe: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as stop:
+        if getattr(args, "out", None):  # a write cut short between its file and clean-up
+            remove_temporaries(args.out)
         signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
         what = "interrupted" if signum == signal.SIGINT else "terminated"
         print(f"evil-moe: {what}; finished work is saved", file=sys.stderr)
