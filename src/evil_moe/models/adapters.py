@@ -127,15 +127,16 @@ class RoutingState:
         ref_shape: tuple[int, ...] | None = None,
         device: torch.device | None = None,
         semantics: Method | str | None = None,
+        what: str = "route_labels",
     ) -> None:
         """Build the plan for one forward pass (``labels=None``: the active context's;
-        ``semantics=None``: the state's)."""
+        ``semantics=None``: the state's; ``what`` names the labels in error messages)."""
         if labels is None and self.pending:
             labels, modes = self.pending[-1]
         if labels is None:
             self.plan, self.shape = NO_PLAN, None
             return
-        route = _route_tensor(labels, ref_shape, device)
+        route = _route_tensor(labels, ref_shape, device, what)
         mode = None
         if modes is not None:
             modes = torch.as_tensor(modes, device=route.device).long()
@@ -165,14 +166,14 @@ class RoutingState:
 
 
 def _route_tensor(
-    labels: object, ref_shape: tuple[int, ...] | None, device: torch.device | None
+    labels: object, ref_shape: tuple[int, ...] | None, device: torch.device | None, what: str
 ) -> Tensor:
     """Route labels as ``[B, T]`` codes for an input of shape ``ref_shape`` (``[B, T]``)."""
     if ref_shape is not None and len(ref_shape) >= 2:
-        return parse_route_labels(labels, ref_shape[:2], device, "route_labels")
-    route = parse_route_labels(labels, None, device, "route_labels")
+        return parse_route_labels(labels, ref_shape[:2], device, what)
+    route = parse_route_labels(labels, None, device, what)
     if route.dim() != 2:
-        raise ValueError("route_labels must be [B, T] when the input shape is unknown")
+        raise ValueError(f"{what} must be [B, T] when the input shape is unknown")
     return route
 
 

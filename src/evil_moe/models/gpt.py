@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from evil_moe.modules.experts import ACTIVATIONS
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = ["GPT", "GPTConfig", "causal_attention"]
 
 
 @dataclass
@@ -61,10 +61,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(att.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        att = causal_attention(self.qkv(x).view(B, T, 3, self.n_head, self.head_dim))
+        return self.out(att.reshape(B, T, self.n_head * self.head_dim))
+
+
+def causal_attention(qkv: Tensor) -> Tensor:
+    """Causal scaled-dot-product attention of fused ``qkv`` ``[B, T, 3, H, hd]``; returns
+    the heads' outputs ``[B, T, H, hd]``."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
 class MLP(nn.Module):

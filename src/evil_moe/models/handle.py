@@ -74,18 +74,17 @@ class QuarantineConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuarantineConfig:
         data = dict(data)
-        router = data.pop("router", None)
-        gate = data.pop("gate", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in data.items() if k in known})
-        if router is not None:
-            fields = {f.name for f in dataclasses.fields(RouterConfig)}
-            router = RouterConfig(**{k: v for k, v in router.items() if k in fields})
-        if gate is not None:
-            fields = {f.name for f in dataclasses.fields(GateConfig)}
-            gate = GateConfig(**{k: v for k, v in gate.items() if k in fields})
-        cfg.router, cfg.gate = router, gate
+        router, gate = data.pop("router", None), data.pop("gate", None)
+        cfg = _known_fields(cls, data)
+        cfg.router = None if router is None else _known_fields(RouterConfig, router)
+        cfg.gate = None if gate is None else _known_fields(GateConfig, gate)
         return cfg
+
+
+def _known_fields(cls: type, data: Mapping[str, Any]) -> Any:
+    """``cls`` built from the keys of ``data`` it knows (later versions may add others)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class QuarantineHandle:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evil_moe.models.adapters import RoutingState, Wrapper, linear_dims
+from evil_moe.models.gpt import causal_attention
 from evil_moe.modules.experts import QuarantineModule, reinit_like_
 from evil_moe.routing.functional import mask_cotangent
 
@@ -84,9 +85,7 @@ class QuarantineHeads(Wrapper, QuarantineModule):
         if n_q:
             qq = F.linear(x, self.q_qkv, self.q_qkv_bias).view(B, T, 3, n_q, hd)
             qkv = torch.cat([qkv, qq], dim=3)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        att = att.transpose(1, 2)  # [B, T, H, hd]
+        att = causal_attention(qkv)  # [B, T, H + Hq, hd]
         y = base.out(att[:, :, :n_head].reshape(B, T, n_head * hd))
         y = mask_cotangent(y, plan.shared_cotangent)
         if n_q:

@@ -27,7 +27,7 @@ from evil_moe.models.handle import QuarantineHandle, get_handle
 from evil_moe.models.inject import inject
 from evil_moe.modules.ablation import quarantine_parameters
 from evil_moe.modules.experts import ACTIVATIONS, GateConfig, default_out_std
-from evil_moe.routing.labels import Method, parse_route_labels
+from evil_moe.routing.labels import Method
 from evil_moe.routing.optim import ParameterGroups
 from evil_moe.routing.routers import RouterConfig
 
@@ -178,10 +178,8 @@ class Testbed(GPT):
         Without ``route`` the plan is the active ``route_labels`` context's, if any."""
         tokens = tokens.to(self.wte.weight.device)  # device-transparent (no-op on CPU)
         if route is not None:
-            route = parse_route_labels(route, tuple(tokens.shape), tokens.device, "route")
-            mode = mode.to(tokens.device) if mode is not None else None
             state = self.handle.state
-            state.begin_forward(route, mode, tuple(tokens.shape), tokens.device, semantics)
+            state.begin_forward(route, mode, tuple(tokens.shape), tokens.device, semantics, "route")
         return super().forward(tokens)
 
     def aux_losses(self) -> dict[str, Tensor]:
