@@ -2,11 +2,11 @@
 optimizer, measured without a profiler.
 
 ``torch.profiler`` adds a fixed cost to every op it records and slows memory-bound ops
-(it reported the loss's ``log_softmax`` backward at 30 ms a call on a quick-preset step
-whose whole loss takes 5 ms), so this bench times the step's parts with the process
-clock around the same calls the training step makes, over ``--steps`` steps of the run's
-own model and batches, and then times the step's output-head matmuls and its loss alone
-on tensors of the same shapes. Single-threaded, as a study worker runs.
+(it reported the loss's ``log_softmax`` backward at 30 ms a call in a quick-preset step
+whose whole loss, timed alone, takes about 6 ms), so this bench times the step's parts
+with the process clock around the same calls the training step makes, over ``--steps``
+steps of the run's own model and batches, and then times the step's output-head matmuls
+and its loss alone on tensors of the same shapes. Single-threaded, as a study worker runs.
 
     python bench/step_profile.py [--run "leakage: fine4 bilingual seed=0 recall=0.2"]
 
