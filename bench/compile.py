@@ -34,8 +34,8 @@ from evil_moe.data.batching import BatchIterator
 from evil_moe.models.gpt import GPT, GPTConfig
 from evil_moe.models.testbed import lm_loss
 from evil_moe.routing.labels import Method
-from evil_moe.study.runner import study_task
-from evil_moe.study.spec import expand, load_spec, unique_runs
+from evil_moe.study.runner import preset_task
+from evil_moe.study.spec import StudyError
 from evil_moe.train.config import config_from_dict
 from evil_moe.train.memory import keep_heap
 from evil_moe.train.setup import prepare_run
@@ -103,11 +103,10 @@ def measure(args: argparse.Namespace) -> None:
     keep_heap()
     torch.set_num_threads(1)
     torch._inductor.config.compile_threads = 1
-    spec, _ = load_spec("quick")
-    runs = [r for r in unique_runs(expand(spec)) if r.label == args.run]
-    if not runs:
-        raise SystemExit(f"no run {args.run!r} in the quick preset")
-    cfg = config_from_dict(study_task(spec, runs[0])["config"])
+    try:
+        cfg = config_from_dict(preset_task("quick", args.run)["config"])
+    except StudyError as err:
+        raise SystemExit(str(err)) from None
     run = prepare_run(cfg)
     model, t, mc = run.model, cfg.train, run.model.cfg
     semantics = Method(t.method).semantics

@@ -27,8 +27,8 @@ from evil_moe.data.batching import BatchIterator
 from evil_moe.models.testbed import lm_loss
 from evil_moe.routing.labels import Method
 from evil_moe.routing.optim import StepLedger, routed_step
-from evil_moe.study.runner import study_task
-from evil_moe.study.spec import expand, load_spec, unique_runs
+from evil_moe.study.runner import preset_task
+from evil_moe.study.spec import StudyError
 from evil_moe.train.config import config_from_dict
 from evil_moe.train.memory import keep_heap
 from evil_moe.train.setup import prepare_run
@@ -57,11 +57,10 @@ def main() -> None:
     args = parser.parse_args()
     keep_heap()
     torch.set_num_threads(1)
-    spec, _ = load_spec("quick")
-    runs = [r for r in unique_runs(expand(spec)) if r.label == args.run]
-    if not runs:
-        raise SystemExit(f"no run {args.run!r} in the quick preset")
-    cfg = config_from_dict(study_task(spec, runs[0])["config"])
+    try:
+        cfg = config_from_dict(preset_task("quick", args.run)["config"])
+    except StudyError as err:
+        raise SystemExit(str(err)) from None
     run = prepare_run(cfg)
     model, t = run.model, cfg.train
     semantics = Method(t.method).semantics

@@ -6,24 +6,9 @@ bench's plumbing without a C++ toolchain; the bench's default backend is ``induc
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "compile.py"
-
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-def test_it_compares_both_models_and_prints_the_headline_last() -> None:
-    done = _run("--backend", "aot_eager", "--steps", "2", "--warmup", "0")
+def test_it_compares_both_models_and_prints_the_headline_last(run_bench) -> None:
+    done = run_bench("compile.py", "--backend", "aot_eager", "--steps", "2", "--warmup", "0")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     plain = next(line for line in lines if line.startswith("plain GPT"))
@@ -35,9 +20,9 @@ def test_it_compares_both_models_and_prints_the_headline_last() -> None:
     assert name == "compiled_over_eager_step_time" and float(value) > 0
 
 
-def test_bad_arguments_are_clear_errors() -> None:
-    unknown = _run("--run", "no such run", "--steps", "1")
+def test_bad_arguments_are_clear_errors(run_bench) -> None:
+    unknown = run_bench("compile.py", "--run", "no such run", "--steps", "1")
     assert unknown.returncode != 0
     assert "no run 'no such run' in the quick preset" in unknown.stderr
-    zero = _run("--steps", "0")
+    zero = run_bench("compile.py", "--steps", "0")
     assert zero.returncode == 2 and "--steps must be >= 1" in zero.stderr
