@@ -34,9 +34,8 @@ from evil_moe.data.batching import BatchIterator
 from evil_moe.models.gpt import GPT, GPTConfig
 from evil_moe.models.testbed import lm_loss
 from evil_moe.routing.labels import Method
-from evil_moe.study.runner import preset_task
-from evil_moe.study.spec import StudyError
-from evil_moe.train.config import config_from_dict
+from evil_moe.study.runner import find_run
+from evil_moe.study.spec import StudyError, load_spec
 from evil_moe.train.memory import keep_heap
 from evil_moe.train.setup import prepare_run
 from evil_moe.train.step import total_steps
@@ -104,7 +103,7 @@ def measure(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     torch._inductor.config.compile_threads = 1
     try:
-        cfg = config_from_dict(preset_task("quick", args.run)["config"])
+        cfg = find_run(load_spec("quick")[0], args.run).config
     except StudyError as err:
         raise SystemExit(str(err)) from None
     run = prepare_run(cfg)

@@ -30,8 +30,8 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from evil_moe.study.runner import study_task  # noqa: E402
-from evil_moe.study.spec import expand, load_spec, unique_runs  # noqa: E402
+from evil_moe.study.runner import find_run, study_task  # noqa: E402
+from evil_moe.study.spec import StudyError, load_spec  # noqa: E402
 from evil_moe.study.store import ResultStore  # noqa: E402
 from evil_moe.study.worker import execute_run  # noqa: E402
 
@@ -93,7 +93,10 @@ def main() -> None:
         mod = importlib.import_module(module)
         setattr(mod, name, timers.wrap(getattr(mod, name), phase))
     spec, _ = load_spec("quick")
-    run = next(r for r in unique_runs(expand(spec)) if r.label == args.run)
+    try:
+        run = find_run(spec, args.run)
+    except StudyError as err:
+        raise SystemExit(str(err)) from None
     task = study_task(spec, run)
     began = time.process_time()
     usage = resource.getrusage(resource.RUSAGE_SELF)

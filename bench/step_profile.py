@@ -27,9 +27,8 @@ from evil_moe.data.batching import BatchIterator
 from evil_moe.models.testbed import lm_loss
 from evil_moe.routing.labels import Method
 from evil_moe.routing.optim import StepLedger, routed_step
-from evil_moe.study.runner import preset_task
-from evil_moe.study.spec import StudyError
-from evil_moe.train.config import config_from_dict
+from evil_moe.study.runner import find_run
+from evil_moe.study.spec import StudyError, load_spec
 from evil_moe.train.memory import keep_heap
 from evil_moe.train.setup import prepare_run
 from evil_moe.train.step import lr_at, make_optimizer
@@ -58,7 +57,7 @@ def main() -> None:
     keep_heap()
     torch.set_num_threads(1)
     try:
-        cfg = config_from_dict(preset_task("quick", args.run)["config"])
+        cfg = find_run(load_spec("quick")[0], args.run).config
     except StudyError as err:
         raise SystemExit(str(err)) from None
     run = prepare_run(cfg)

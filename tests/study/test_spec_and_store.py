@@ -8,7 +8,7 @@ import pytest
 
 from evil_moe.cli.main import EXIT_BAD_INPUT, main
 from evil_moe.study.claims import load_claims
-from evil_moe.study.runner import preset_task, study_task
+from evil_moe.study.runner import find_run
 from evil_moe.study.spec import (
     StudyError,
     config_hash,
@@ -83,14 +83,13 @@ def test_runs_are_keyed_by_the_hash_of_their_resolved_config(preset_factory):
 
 
 def test_one_run_of_a_preset_is_found_by_its_label(preset_factory):
-    path = str(preset_factory(["single", "fine4"], [0, 1]))
-    spec, _ = load_spec(path)
+    spec, _ = load_spec(str(preset_factory(["single", "fine4"], [0, 1])))
     run = next(r for r in expand(spec) if r.name == "fine4" and r.seed == 1)
-    task = preset_task(path, run.label)
-    assert task == study_task(spec, run)
-    assert task["config"]["model"]["n_experts"] == 4 and task["config"]["train"]["seed"] == 1
-    with pytest.raises(StudyError, match=r"no run 'fine5 seed=0' in the .* preset"):
-        preset_task(path, "fine5 seed=0")
+    found = find_run(spec, run.label)
+    assert found.key == run.key
+    assert found.config.model.n_experts == 4 and found.config.train.seed == 1
+    with pytest.raises(StudyError, match=f"no run 'fine5 seed=0' in the {spec.study.name} preset"):
+        find_run(spec, "fine5 seed=0")
 
 
 @pytest.mark.parametrize(

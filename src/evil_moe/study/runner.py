@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from evil_moe.study.executors import RayOptions, execute_on_ray, progress_bar, tracking_dir
-from evil_moe.study.spec import RunSpec, StudyError, StudySpec, expand, load_spec, unique_runs
+from evil_moe.study.spec import RunSpec, StudyError, StudySpec, expand, unique_runs
 from evil_moe.study.store import ResultStore
 
 #: attempts per run when its worker process dies (a Python error is not retried)
@@ -204,14 +204,13 @@ def study_task(
     return task
 
 
-def preset_task(preset: str, label: str) -> dict[str, Any]:
-    """The task (see :func:`study_task`) of the run called ``label`` in a study preset:
+def find_run(spec: StudySpec, label: str) -> RunSpec:
+    """The run of ``spec`` called ``label`` (as the progress bar and the report name it):
     one run of a study on its own, for benchmarks and debugging."""
-    spec, _ = load_spec(preset)
     for run in unique_runs(expand(spec)):
         if run.label == label:
-            return study_task(spec, run)
-    raise StudyError(f"no run {label!r} in the {preset} preset")
+            return run
+    raise StudyError(f"no run {label!r} in the {spec.study.name} preset")
 
 
 def _execute(
