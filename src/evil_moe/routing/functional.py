@@ -82,11 +82,9 @@ class _RoutedLinear(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_w = g.t() @ xi
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                # A bias sees the output mask only (in_keep cannot apply to it): the masked
-                # gradient above when there is one.
-                gb = g
-                if out_keep is not None and g is grad:
-                    gb = grad * _expand(out_keep.to(grad.dtype), grad.shape[1])
+                # A bias sees the output mask only (in_keep cannot apply to it): the gradient
+                # masked above, or masked here when the mask went to the narrower input.
+                gb = grad * mask if out_keep is not None and g is grad else g
                 grad_b = gb.sum(0).to(ctx.dtypes[2])
         if grad_x is not None:
             grad_x = grad_x.to(ctx.dtypes[0])
